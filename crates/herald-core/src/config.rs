@@ -1,0 +1,261 @@
+//! Validated configuration values: identifiers that go into SQL, URLs that may hold secrets, and
+//! the relay's tuning knobs.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A SQL identifier (table name) that has been checked against `^[A-Za-z_][A-Za-z0-9_]{0,62}$`.
+///
+/// Identifiers cannot be bind parameters, so this allow-list is what keeps configuration from
+/// injecting SQL. Only an `Identifier` is ever formatted into a statement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identifier(String);
+
+impl Identifier {
+    /// Validates `name`.
+    pub fn new(name: &str) -> Result<Identifier> {
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if first_ok && rest_ok && name.len() <= 63 {
+            Ok(Identifier(name.to_owned()))
+        } else {
+            Err(Error::config(format!(
+                "table name {name:?} is not allowed: use 1 to 63 letters, digits or underscores, not starting with a digit"
+            )))
+        }
+    }
+
+    /// The identifier as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A derived identifier, `self` + `suffix`, validated again (it may get too long).
+    pub fn with_suffix(&self, suffix: &str) -> Result<Identifier> {
+        Identifier::new(&format!("{}{suffix}", self.0))
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A connection URL whose password never appears in `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(url::Url);
+
+impl SecretUrl {
+    /// Parses `raw`; the error names the problem but never echoes the URL (it may hold a password).
+    pub fn parse(what: &str, raw: &str) -> Result<SecretUrl> {
+        url::Url::parse(raw).map(SecretUrl).map_err(|e| {
+            Error::config(format!(
+                "{what} URL is not a valid URL ({e}); expected something like postgres://user@host:5432/db"
+            ))
+        })
+    }
+
+    /// The URL scheme, e.g. `postgres`.
+    pub fn scheme(&self) -> &str {
+        self.0.scheme()
+    }
+
+    /// The full URL including any password. Pass it to a driver; never log it.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The parsed URL, including any password.
+    pub fn url(&self) -> &url::Url {
+        &self.0
+    }
+
+    /// The URL with the password replaced by `***`, safe for logs.
+    pub fn redacted(&self) -> String {
+        let mut u = self.0.clone();
+        if u.password().is_some() {
+            let _ = u.set_password(Some("***"));
+        }
+        // Query parameters such as `password=` are removed wholesale.
+        if u.query().is_some() {
+            u.set_query(Some("***"));
+        }
+        u.to_string()
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// The relay's tuning knobs. Defaults are documented on each field; [`RelayConfig::validate`]
+/// rejects values that cannot work.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Name of this relay instance, recorded as the lease owner. Default: host-pid-random.
+    pub relay_id: String,
+    /// Rows claimed per batch. Default 256.
+    pub batch_size: usize,
+    /// Concurrent claim-publish-mark loops in this process. Default 2.
+    pub workers: usize,
+    /// How long a claim is exclusive. A relay stops publishing a batch once half of it has
+    /// passed, so a paused relay cannot publish out of turn. Default 30 s.
+    pub lease: Duration,
+    /// Longest wait between polls when idle; polling starts at 1 ms after activity and doubles
+    /// up to this. Default 100 ms.
+    pub poll_interval: Duration,
+    /// How long to wait for the broker's confirmations of one batch. Default 10 s.
+    pub publish_timeout: Duration,
+    /// Attempts for a message the broker rejects (too large, unroutable) before it is
+    /// dead-lettered. Broker outages never count. Default 5.
+    pub max_attempts: u32,
+    /// Largest message (payload plus headers) published; larger ones are dead-lettered at once.
+    /// Default 1 MiB (NATS's default limit; RabbitMQ and Kafka allow more).
+    pub max_message_bytes: usize,
+    /// First backoff after a broker or database outage. Default 100 ms.
+    pub backoff_initial: Duration,
+    /// Backoff cap. Default 5 s.
+    pub backoff_max: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            relay_id: default_relay_id(),
+            batch_size: 256,
+            workers: 2,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+            publish_timeout: Duration::from_secs(10),
+            max_attempts: 5,
+            max_message_bytes: 1024 * 1024,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Checks that the values can work together; the error says which value to change.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return Err(Error::config(format!(
+                "batch size {} must be between 1 and 10000",
+                self.batch_size
+            )));
+        }
+        if self.workers == 0 || self.workers > 64 {
+            return Err(Error::config(format!(
+                "workers {} must be between 1 and 64",
+                self.workers
+            )));
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(Error::config(format!(
+                "lease {:?} is too short: use at least 100ms",
+                self.lease
+            )));
+        }
+        if self.publish_timeout * 2 > self.lease {
+            return Err(Error::config(format!(
+                "publish timeout {:?} must be at most half the lease {:?}, or a slow broker lets the lease expire mid-batch",
+                self.publish_timeout, self.lease
+            )));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::config("max attempts must be at least 1"));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::config("poll interval must be greater than zero"));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
+            return Err(Error::config("backoff must satisfy 0 < initial <= max"));
+        }
+        Ok(())
+    }
+}
+
+fn default_relay_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".to_owned());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_allow_listed() {
+        for ok in ["herald_outbox", "_x", "A1", &"a".repeat(63)] {
+            assert!(Identifier::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "outbox\"; DROP TABLE x;--",
+            "a b",
+            "a-b",
+            "ü",
+            &"a".repeat(64),
+            "x.y",
+        ] {
+            let err = Identifier::new(bad).unwrap_err().to_string();
+            assert!(err.contains("is not allowed"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn urls_never_show_passwords() {
+        let u = SecretUrl::parse(
+            "database",
+            "postgres://app:s3cr3t-sentinel@db:5432/x?password=p2",
+        )
+        .unwrap();
+        assert!(!format!("{u} {u:?} {}", u.redacted()).contains("s3cr3t-sentinel"));
+        assert!(!u.redacted().contains("p2"));
+        assert!(u.expose().contains("s3cr3t-sentinel"));
+        let err = SecretUrl::parse("database", "not a url s3cr3t")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn relay_config_validation_says_what_to_fix() {
+        assert!(RelayConfig::default().validate().is_ok());
+        let bad = RelayConfig {
+            batch_size: 0,
+            ..RelayConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("batch size")
+        );
+        let bad = RelayConfig {
+            lease: Duration::from_secs(5),
+            ..RelayConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("publish timeout")
+        );
+    }
+}

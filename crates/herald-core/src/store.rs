@@ -1,0 +1,212 @@
+//! The relay's side of the outbox: claiming rows, marking them published, dead-lettering poison.
+//!
+//! Contracts every implementation keeps (the conformance tests in `herald-testkit` check them):
+//!
+//! * **Claims are committed leases.** [`OutboxStore::claim`] commits the lease before it returns;
+//!   nothing is held open across publishing. Each claim gets a fresh fencing token.
+//! * **Head-of-key claiming.** A row is claimable only if no earlier row with the same ordering key
+//!   is under a live lease, and a claim takes rows in id order, so the rows of one key that a relay
+//!   holds are always the oldest pending ones of that key, and no other relay holds any. Claims are
+//!   serialised against each other so that two relays cannot both see a key as free.
+//! * **No high-water mark.** Every pending row is claimable whatever its id, so a transaction
+//!   that took a low id and committed late is published all the same.
+//! * **Fencing.** [`OutboxStore::complete`], [`OutboxStore::release`] and
+//!   [`OutboxStore::record_rejection`] only touch rows whose lease token still matches; they report
+//!   how many rows they touched so the relay can tell that its lease was lost.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::message::Message;
+
+/// A committed lease on claimed rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Fencing token written into every claimed row.
+    pub token: i64,
+    /// Local instant after which the relay must not publish these rows any more. It is taken
+    /// before the claim statement ran, so it is earlier than the database's own expiry.
+    pub expires: Instant,
+}
+
+impl Lease {
+    /// A new lease of length `length`, starting now, with a random token.
+    pub fn start(length: Duration) -> Lease {
+        Lease {
+            token: fastrand::i64(1..i64::MAX),
+            expires: Instant::now() + length,
+        }
+    }
+
+    /// Whether the relay may still publish under this lease. Half the lease is kept in reserve
+    /// so that a publish started just before the check still finishes before another relay can
+    /// take over.
+    pub fn usable(&self, length: Duration) -> bool {
+        Instant::now() + length / 2 < self.expires
+    }
+}
+
+/// One claimed outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// The row's sequence number (outbox `id` column), assigned at insert time.
+    pub seq: i64,
+    /// How many times the broker already rejected this row.
+    pub attempts: u32,
+    /// The message to publish.
+    pub message: Message,
+}
+
+/// Rows claimed under one lease, in id order.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The lease covering every row.
+    pub lease: Lease,
+    /// The rows, in ascending `seq`.
+    pub rows: Vec<OutboxRow>,
+}
+
+/// What happened to a rejected row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionOutcome {
+    /// The attempt was counted and the row released for a later retry.
+    WillRetry,
+    /// Attempts are exhausted: the row moved to the dead-letter table.
+    DeadLettered,
+    /// The lease was lost; nothing was changed.
+    LeaseLost,
+}
+
+/// Outbox depth for one destination, for `herald status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationStats {
+    /// Topic or queue.
+    pub destination: String,
+    /// Rows waiting to be published.
+    pub pending: u64,
+    /// Creation time of the oldest pending row.
+    pub oldest: Option<SystemTime>,
+    /// Rows in the dead-letter table.
+    pub dead_letters: u64,
+}
+
+/// The relay-facing outbox. See the module docs for the contracts.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// Claims up to `max` publishable rows for `owner` under a new lease of length `lease`,
+    /// committing the lease before returning. Returns an empty claim when nothing is ready.
+    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> Result<Claim>;
+
+    /// Marks rows published (deletes them) if they are still under `lease`. Returns the number of
+    /// rows touched; fewer than `seqs.len()` means the lease was lost for the rest.
+    async fn complete(&self, lease: &Lease, seqs: &[i64]) -> Result<u64>;
+
+    /// Gives rows back unpublished (after a broker outage or a shutdown), without counting an
+    /// attempt. Returns the number of rows touched.
+    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64>;
+
+    /// Records that the broker rejected the row: counts an attempt with `reason`, and moves the row
+    /// to the dead-letter table once `max_attempts` is reached (or at once when `max_attempts` is 1).
+    async fn record_rejection(
+        &self,
+        lease: &Lease,
+        seq: i64,
+        reason: &str,
+        max_attempts: u32,
+    ) -> Result<RejectionOutcome>;
+
+    /// Pending and dead-lettered counts per destination.
+    async fn stats(&self) -> Result<Vec<DestinationStats>>;
+
+    /// Durability settings under which a published message could vanish in a crash of the
+    /// database (a phantom). Each entry is a sentence saying what to change. Empty when safe.
+    async fn durability_warnings(&self) -> Result<Vec<String>>;
+}
+
+/// An outbox row as the database returned it, before validation. Backends select their columns
+/// into this and call [`RawRow::decode`], so every backend validates rows the same way.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    /// `id`
+    pub seq: i64,
+    /// `message_id`, as text
+    pub message_id: String,
+    /// `kind`
+    pub kind: String,
+    /// `message_type`
+    pub message_type: String,
+    /// `source`
+    pub source: String,
+    /// `destination`
+    pub destination: String,
+    /// `ordering_key`
+    pub ordering_key: Option<String>,
+    /// `headers`, as JSON text
+    pub headers: String,
+    /// `content_type`
+    pub content_type: String,
+    /// `payload`
+    pub payload: Vec<u8>,
+    /// `created_at`, microseconds since the Unix epoch
+    pub created_at_micros: i64,
+    /// `attempts`
+    pub attempts: i32,
+}
+
+impl RawRow {
+    /// Validates the row. The error is the reason it cannot be published, for the dead-letter
+    /// table: such a row is parked, never silently dropped.
+    pub fn decode(self) -> std::result::Result<OutboxRow, String> {
+        let id = uuid::Uuid::parse_str(self.message_id.trim())
+            .map_err(|e| format!("message_id {:?} is not a UUID: {e}", self.message_id))?;
+        let kind = crate::message::Kind::parse(&self.kind)
+            .ok_or_else(|| format!("kind {:?} is neither \"event\" nor \"command\"", self.kind))?;
+        if self.message_type.is_empty() {
+            return Err("message_type is empty".to_owned());
+        }
+        if self.destination.is_empty() {
+            return Err("destination is empty".to_owned());
+        }
+        let headers: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&self.headers)
+                .map_err(|e| format!("headers are not a JSON object of strings: {e}"))?;
+        Ok(OutboxRow {
+            seq: self.seq,
+            attempts: self.attempts.max(0) as u32,
+            message: Message {
+                id,
+                kind,
+                message_type: self.message_type,
+                source: self.source,
+                destination: self.destination,
+                ordering_key: self.ordering_key.filter(|k| !k.is_empty()),
+                headers,
+                content_type: self.content_type,
+                payload: self.payload,
+                created_at: crate::message::from_micros(self.created_at_micros),
+            },
+        })
+    }
+}
+
+/// Columns every outbox table has, in the order backends select them into [`RawRow`].
+pub const OUTBOX_COLUMNS: [&str; 16] = [
+    "id",
+    "message_id",
+    "kind",
+    "message_type",
+    "source",
+    "destination",
+    "ordering_key",
+    "headers",
+    "content_type",
+    "payload",
+    "created_at",
+    "attempts",
+    "last_error",
+    "lease_owner",
+    "lease_token",
+    "lease_until",
+];

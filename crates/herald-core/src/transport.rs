@@ -1,0 +1,98 @@
+//! Brokers, seen from herald: publish with confirmation, subscribe with acknowledgement.
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::message::{Kind, Message};
+
+/// Publishes messages and reports, per message, whether the broker took responsibility for it.
+///
+/// Contract: `publish` returns exactly one result per input message, in input order. `Ok(())`
+/// means the broker positively confirmed the message (persisted it as it is configured to). An
+/// error that [`Error::is_transient`] means the outcome is unknown (the message may or may not
+/// be on the broker): the relay publishes it again later, so a duplicate is possible and a loss is
+/// not. A non-transient error means the broker refused this message ([`Error::Rejected`]).
+/// Messages of one ordering key are handed to the broker in input order.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Publishes `batch` and waits for the broker's confirmations.
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>>;
+
+    /// Opens a subscription. Events reach every subscribing service (each `service` gets its own
+    /// copy); commands reach exactly one instance of the owning service.
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Subscriber>>;
+
+    /// Broker settings under which a confirmed message could vanish; sentences, empty when safe.
+    async fn durability_warnings(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// A short name for logs, e.g. `rabbitmq amqp://guest:***@127.0.0.1:5672/%2f`. No secrets.
+    fn describe(&self) -> String;
+}
+
+/// What to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// Events from a topic or commands from the owner's queue.
+    pub kind: Kind,
+    /// The topic (events) or queue (commands).
+    pub destination: String,
+    /// The consuming service: its consumer group. Instances of one service compete for messages.
+    pub service: String,
+    /// Most messages delivered and not yet acknowledged.
+    pub prefetch: u16,
+}
+
+impl Subscription {
+    /// Every event published to `topic`, for `service`.
+    pub fn events(topic: impl Into<String>, service: impl Into<String>) -> Subscription {
+        Subscription {
+            kind: Kind::Event,
+            destination: topic.into(),
+            service: service.into(),
+            prefetch: 64,
+        }
+    }
+
+    /// The commands sent to `queue`, which `service` owns.
+    pub fn commands(queue: impl Into<String>, service: impl Into<String>) -> Subscription {
+        Subscription {
+            kind: Kind::Command,
+            destination: queue.into(),
+            service: service.into(),
+            prefetch: 64,
+        }
+    }
+}
+
+/// A message handed to a consumer, to be acknowledged once its effects are committed.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// Whether the broker says it delivered this message before.
+    pub redelivered: bool,
+    /// Broker-specific handle used by `ack`/`nack`.
+    pub tag: u64,
+}
+
+/// A stream of deliveries for one subscription.
+#[async_trait]
+pub trait Subscriber: Send {
+    /// Waits for the next delivery. A message that cannot be decoded is returned as
+    /// [`Error::Decode`] after it has been taken off the queue, so one bad message cannot block
+    /// the subscription.
+    async fn next(&mut self) -> Result<Delivery>;
+
+    /// Acknowledges a delivery: the broker will not deliver it to this service again.
+    async fn ack(&mut self, delivery: &Delivery) -> Result<()>;
+
+    /// Gives a delivery back for redelivery.
+    async fn nack(&mut self, delivery: &Delivery) -> Result<()>;
+}
+
+/// Helper for transports: a transient error for every message of a batch.
+pub fn fail_all(len: usize, make: impl Fn() -> Error) -> Vec<Result<()>> {
+    (0..len).map(|_| Err(make())).collect()
+}

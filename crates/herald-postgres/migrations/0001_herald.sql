@@ -1,0 +1,47 @@
+-- herald on PostgreSQL: outbox, dead letters and inbox.
+-- `herald migrate` runs this file with `herald_outbox` replaced by the configured table name.
+
+CREATE TABLE IF NOT EXISTS herald_outbox (
+    id            BIGSERIAL   PRIMARY KEY,             -- publication order; assigned on insert
+    message_id    UUID        NOT NULL UNIQUE DEFAULT gen_random_uuid(),
+    kind          TEXT        NOT NULL DEFAULT 'event' CHECK (kind IN ('event', 'command')),
+    message_type  TEXT        NOT NULL,
+    source        TEXT        NOT NULL DEFAULT '',
+    destination   TEXT        NOT NULL,
+    ordering_key  TEXT,
+    headers       JSONB       NOT NULL DEFAULT '{}',
+    content_type  TEXT        NOT NULL DEFAULT 'application/json',
+    payload       BYTEA       NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    attempts      INTEGER     NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    lease_owner   TEXT,
+    lease_token   BIGINT,
+    lease_until   TIMESTAMPTZ
+);
+
+CREATE INDEX IF NOT EXISTS herald_outbox_key_idx ON herald_outbox (ordering_key, id);
+
+CREATE TABLE IF NOT EXISTS herald_outbox_dead_letter (
+    id               BIGINT      PRIMARY KEY,          -- the outbox id it had
+    message_id       UUID        NOT NULL,
+    kind             TEXT        NOT NULL,
+    message_type     TEXT        NOT NULL,
+    source           TEXT        NOT NULL,
+    destination      TEXT        NOT NULL,
+    ordering_key     TEXT,
+    headers          JSONB       NOT NULL,
+    content_type     TEXT        NOT NULL,
+    payload          BYTEA       NOT NULL,
+    created_at       TIMESTAMPTZ NOT NULL,
+    attempts         INTEGER     NOT NULL,
+    reason           TEXT        NOT NULL,
+    dead_lettered_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS herald_outbox_inbox (
+    consumer      TEXT        NOT NULL,
+    message_id    UUID        NOT NULL,
+    processed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+);

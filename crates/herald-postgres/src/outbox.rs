@@ -1,0 +1,331 @@
+//! The relay's side of the PostgreSQL outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_core::message::from_micros;
+use herald_core::store::{OUTBOX_COLUMNS, RawRow};
+use herald_core::{
+    Claim, DestinationStats, Error, Identifier, Lease, OutboxRow, OutboxStore, RejectionOutcome,
+    Result,
+};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use crate::error::db;
+
+/// The outbox of a PostgreSQL database, as the relay sees it.
+///
+/// A claim is one short transaction: it takes a transaction-scoped advisory lock (so claims by
+/// several relays are serialised and cannot both see a key as free), leases rows with
+/// head-of-key claiming, and commits. Publishing happens outside any transaction; marking deletes
+/// the rows if the lease token still matches.
+#[derive(Clone)]
+pub struct PgOutbox {
+    pool: PgPool,
+    sql: Arc<Sql>,
+}
+
+struct Sql {
+    table: Identifier,
+    dead: Identifier,
+    claim: String,
+    complete: String,
+    release: String,
+    reject: String,
+    dead_letter: String,
+    stats: String,
+    dead_stats: String,
+}
+
+impl Sql {
+    fn new(table: &Identifier) -> Result<Sql> {
+        let dead = table.with_suffix("_dead_letter")?;
+        let t = table.as_str();
+        let cols = "id, message_id::text AS message_id, kind, message_type, source, destination, ordering_key, \
+                    headers::text AS headers, content_type, payload, \
+                    (extract(epoch FROM created_at) * 1000000)::bigint AS created_at, attempts";
+        Ok(Sql {
+            // Head-of-key claiming (see herald_core::store): free rows in id order whose key has no
+            // earlier row under a live lease.
+            claim: format!(
+                "UPDATE \"{t}\" SET lease_owner = $1, lease_token = $2, lease_until = now() + $3 * interval '1 microsecond' \
+                 WHERE id IN (SELECT o.id FROM \"{t}\" o \
+                   WHERE (o.lease_until IS NULL OR o.lease_until < now()) \
+                     AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM \"{t}\" e \
+                          WHERE e.ordering_key = o.ordering_key AND e.id < o.id AND e.lease_until >= now())) \
+                   ORDER BY o.id LIMIT $4) \
+                 RETURNING {cols}"
+            ),
+            complete: format!("DELETE FROM \"{t}\" WHERE lease_token = $1 AND id = ANY($2)"),
+            release: format!(
+                "UPDATE \"{t}\" SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                 WHERE lease_token = $1 AND id = ANY($2)"
+            ),
+            reject: format!(
+                "UPDATE \"{t}\" SET attempts = attempts + 1, last_error = $3, \
+                 lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                 WHERE id = $1 AND lease_token = $2 RETURNING attempts"
+            ),
+            dead_letter: format!(
+                "WITH moved AS (DELETE FROM \"{t}\" WHERE id = $1 RETURNING *) \
+                 INSERT INTO \"{dead}\" (id, message_id, kind, message_type, source, destination, ordering_key, \
+                 headers, content_type, payload, created_at, attempts, reason) \
+                 SELECT id, message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 content_type, payload, created_at, attempts, $2 FROM moved"
+            ),
+            stats: format!(
+                "SELECT destination, COUNT(*) AS n, (extract(epoch FROM MIN(created_at)) * 1000000)::bigint AS oldest \
+                 FROM \"{t}\" GROUP BY destination"
+            ),
+            dead_stats: format!(
+                "SELECT destination, COUNT(*) AS n FROM \"{dead}\" GROUP BY destination"
+            ),
+            table: table.clone(),
+            dead,
+        })
+    }
+}
+
+impl PgOutbox {
+    /// The outbox in `table` (in the connection's current schema). Checks that the table and its
+    /// dead-letter table exist with the documented columns.
+    pub async fn new(pool: PgPool, table: Identifier) -> Result<PgOutbox> {
+        let sql = Sql::new(&table)?;
+        check_columns(&pool, &sql.table, &OUTBOX_COLUMNS).await?;
+        check_columns(&pool, &sql.dead, &["id", "reason", "payload"]).await?;
+        Ok(PgOutbox {
+            pool,
+            sql: Arc::new(sql),
+        })
+    }
+
+    /// The pool this outbox uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn move_to_dead_letters(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        seq: i64,
+        reason: &str,
+    ) -> Result<()> {
+        sqlx::query(AssertSqlSafe(self.sql.dead_letter.as_str()))
+            .bind(seq)
+            .bind(reason)
+            .execute(conn)
+            .await
+            .map_err(|e| db("dead-lettering an outbox row", e))?;
+        Ok(())
+    }
+}
+
+async fn check_columns(pool: &PgPool, table: &Identifier, columns: &[&str]) -> Result<()> {
+    let have: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
+    )
+    .bind(table.as_str())
+    .fetch_all(pool)
+    .await
+    .map_err(|e| db("reading the table's columns", e))?;
+    if have.is_empty() {
+        return Err(Error::Schema {
+            table: table.to_string(),
+            detail: "no such table in the current schema".to_owned(),
+        });
+    }
+    let missing: Vec<&str> = columns
+        .iter()
+        .copied()
+        .filter(|c| !have.iter().any(|h| h == c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Schema {
+            table: table.to_string(),
+            detail: format!("missing columns: {}", missing.join(", ")),
+        });
+    }
+    Ok(())
+}
+
+fn raw_row(r: &sqlx::postgres::PgRow) -> std::result::Result<RawRow, sqlx::Error> {
+    Ok(RawRow {
+        seq: r.try_get("id")?,
+        message_id: r.try_get("message_id")?,
+        kind: r.try_get("kind")?,
+        message_type: r.try_get("message_type")?,
+        source: r.try_get("source")?,
+        destination: r.try_get("destination")?,
+        ordering_key: r.try_get("ordering_key")?,
+        headers: r.try_get("headers")?,
+        content_type: r.try_get("content_type")?,
+        payload: r.try_get("payload")?,
+        created_at_micros: r.try_get("created_at")?,
+        attempts: r.try_get("attempts")?,
+    })
+}
+
+#[async_trait]
+impl OutboxStore for PgOutbox {
+    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> Result<Claim> {
+        let handle = Lease::start(lease);
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db("starting a claim", e))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || $1))")
+            .bind(self.sql.table.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db("serialising claims", e))?;
+        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.as_str()))
+            .bind(owner)
+            .bind(handle.token)
+            .bind(lease.as_micros() as f64)
+            .bind(max as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db("claiming outbox rows", e))?;
+        let mut claimed: Vec<OutboxRow> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let seq: i64 = r.get("id");
+            match raw_row(r)
+                .map_err(|e| e.to_string())
+                .and_then(RawRow::decode)
+            {
+                Ok(row) => claimed.push(row),
+                Err(reason) => {
+                    tracing::warn!(seq, %reason, "outbox row cannot be decoded; dead-lettering it");
+                    self.move_to_dead_letters(
+                        &mut tx,
+                        seq,
+                        &format!("cannot decode outbox row: {reason}"),
+                    )
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| db("committing a claim", e))?;
+        claimed.sort_by_key(|r| r.seq);
+        Ok(Claim {
+            lease: handle,
+            rows: claimed,
+        })
+    }
+
+    async fn complete(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.complete.as_str()))
+            .bind(lease.token)
+            .bind(seqs)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db("marking outbox rows published", e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.release.as_str()))
+            .bind(lease.token)
+            .bind(seqs)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db("releasing outbox rows", e))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_rejection(
+        &self,
+        lease: &Lease,
+        seq: i64,
+        reason: &str,
+        max_attempts: u32,
+    ) -> Result<RejectionOutcome> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db("recording a rejection", e))?;
+        let attempts: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.reject.as_str()))
+            .bind(seq)
+            .bind(lease.token)
+            .bind(reason)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db("recording a rejection", e))?;
+        let outcome = match attempts {
+            None => RejectionOutcome::LeaseLost,
+            Some(n) if n as i64 >= i64::from(max_attempts) => {
+                self.move_to_dead_letters(&mut tx, seq, reason).await?;
+                RejectionOutcome::DeadLettered
+            }
+            Some(_) => RejectionOutcome::WillRetry,
+        };
+        tx.commit()
+            .await
+            .map_err(|e| db("recording a rejection", e))?;
+        Ok(outcome)
+    }
+
+    async fn stats(&self) -> Result<Vec<DestinationStats>> {
+        let pending = sqlx::query(AssertSqlSafe(self.sql.stats.as_str()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db("reading outbox depth", e))?;
+        let dead = sqlx::query(AssertSqlSafe(self.sql.dead_stats.as_str()))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| db("reading dead letters", e))?;
+        let mut out: Vec<DestinationStats> = pending
+            .iter()
+            .map(|r| DestinationStats {
+                destination: r.get("destination"),
+                pending: r.get::<i64, _>("n") as u64,
+                oldest: r.get::<Option<i64>, _>("oldest").map(from_micros),
+                dead_letters: 0,
+            })
+            .collect();
+        for r in &dead {
+            let destination: String = r.get("destination");
+            let n = r.get::<i64, _>("n") as u64;
+            match out.iter_mut().find(|s| s.destination == destination) {
+                Some(s) => s.dead_letters = n,
+                None => out.push(DestinationStats {
+                    destination,
+                    pending: 0,
+                    oldest: None,
+                    dead_letters: n,
+                }),
+            }
+        }
+        out.sort_by(|a, b| a.destination.cmp(&b.destination));
+        Ok(out)
+    }
+
+    async fn durability_warnings(&self) -> Result<Vec<String>> {
+        let sync: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db("checking durability settings", e))?;
+        let fsync: String = sqlx::query_scalar("SELECT current_setting('fsync')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db("checking durability settings", e))?;
+        let mut warnings = Vec::new();
+        if sync == "off" {
+            warnings.push(format!(
+                "PostgreSQL synchronous_commit={sync}: a transaction the relay already published can vanish in a \
+                 server crash (a phantom event). Set synchronous_commit=on for the application's role."
+            ));
+        }
+        if fsync == "off" {
+            warnings.push(
+                "PostgreSQL fsync=off: committed outbox rows (and published events' transactions) can be lost in a \
+                 crash. Turn fsync on."
+                    .to_owned(),
+            );
+        }
+        Ok(warnings)
+    }
+}

@@ -1,0 +1,44 @@
+//! Writing messages into the PostgreSQL outbox, inside the application's transaction.
+
+use herald_core::{Identifier, Message, Result};
+use sqlx::{AssertSqlSafe, PgConnection};
+
+/// Inserts messages into the outbox. Takes the caller's connection (usually `&mut *tx` of an open
+/// transaction), never a pool: the message commits or rolls back with the business change. It adds
+/// nothing else to the transaction (no `NOTIFY`, no locks beyond the row itself).
+#[derive(Debug, Clone)]
+pub struct PgOutboxWriter {
+    insert: String,
+}
+
+impl PgOutboxWriter {
+    /// A writer for the outbox table `table`.
+    pub fn new(table: &Identifier) -> PgOutboxWriter {
+        PgOutboxWriter {
+            insert: format!(
+                "INSERT INTO \"{table}\" (message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 content_type, payload, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, \
+                 'epoch'::timestamptz + $10 * interval '1 microsecond') RETURNING id"
+            ),
+        }
+    }
+
+    /// Adds `message` to the outbox in the caller's transaction. Returns the row's sequence number.
+    pub async fn enqueue(&self, conn: &mut PgConnection, message: &Message) -> Result<i64> {
+        let headers = serde_json::to_string(&message.headers).expect("a string map serialises");
+        sqlx::query_scalar(AssertSqlSafe(self.insert.as_str()))
+            .bind(message.id)
+            .bind(message.kind.as_str())
+            .bind(&message.message_type)
+            .bind(&message.source)
+            .bind(&message.destination)
+            .bind(message.ordering_key.as_deref())
+            .bind(headers)
+            .bind(&message.content_type)
+            .bind(&message.payload)
+            .bind(message.created_at_micros() as f64)
+            .fetch_one(conn)
+            .await
+            .map_err(|e| crate::error::db("inserting into the outbox", e))
+    }
+}

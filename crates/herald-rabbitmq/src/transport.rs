@@ -1,0 +1,391 @@
+//! Publishing to and consuming from RabbitMQ.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use herald_core::{
+    Delivery, Error, Kind, Message, Result, SecretUrl, Subscriber, Subscription, Transport,
+};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+/// Publishes with publisher confirms: events to a durable topic exchange named after the topic
+/// (routing key: the message type), commands to the owner's queue through the default exchange
+/// with `mandatory`, so a command nobody owns comes back as an error instead of vanishing.
+/// Messages are persistent (`delivery_mode=2`). The connection is re-opened after any failure.
+pub struct RabbitTransport {
+    url: SecretUrl,
+    confirm_timeout: Duration,
+    state: Mutex<Option<Link>>,
+}
+
+struct Link {
+    connection: Connection,
+    channel: Channel,
+    declared: HashSet<String>,
+}
+
+fn lapin_err(what: &str, e: lapin::Error) -> Error {
+    Error::unavailable(format!("RabbitMQ ({what})"), e)
+}
+
+impl RabbitTransport {
+    /// A transport for `url` (`amqp://user:pass@host:5672/vhost`). Connects lazily, on the first
+    /// publish; use [`RabbitTransport::check`] to fail fast at start-up.
+    pub fn new(url: SecretUrl) -> Result<RabbitTransport> {
+        if !matches!(url.scheme(), "amqp" | "amqps") {
+            return Err(Error::config(format!(
+                "broker URL scheme {:?} is not amqp:// or amqps://",
+                url.scheme()
+            )));
+        }
+        Ok(RabbitTransport {
+            url,
+            confirm_timeout: Duration::from_secs(5),
+            state: Mutex::new(None),
+        })
+    }
+
+    /// How long to wait for the broker's confirmations before the outcome counts as unknown.
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> RabbitTransport {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// Connects once, to report a wrong URL or credentials at start-up.
+    pub async fn check(&self) -> Result<()> {
+        let mut state = self.state.lock().await;
+        self.link(&mut state).await.map(|_| ())
+    }
+
+    async fn connect(&self) -> Result<Connection> {
+        let props = ConnectionProperties::default().with_connection_name("herald".into());
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(self.url.expose(), props),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(lapin_err(&self.url.redacted(), e)),
+            Err(_) => Err(Error::Timeout {
+                what: format!("connecting to RabbitMQ at {}", self.url.redacted()),
+                after: Duration::from_secs(10),
+            }),
+        }
+    }
+
+    async fn link<'a>(&self, state: &'a mut Option<Link>) -> Result<&'a mut Link> {
+        let healthy = state
+            .as_ref()
+            .is_some_and(|l| l.connection.status().connected() && l.channel.status().connected());
+        if !healthy {
+            if let Some(old) = state.take() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    old.connection.close(200, "reconnecting".into()),
+                )
+                .await;
+            }
+            let connection = self.connect().await?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| lapin_err("opening a channel", e))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| lapin_err("enabling publisher confirms", e))?;
+            info!(broker = %self.url, "connected to RabbitMQ");
+            *state = Some(Link {
+                connection,
+                channel,
+                declared: HashSet::new(),
+            });
+        }
+        Ok(state.as_mut().expect("link was just set"))
+    }
+
+    async fn publish_on(&self, link: &mut Link, batch: &[Message]) -> Vec<Result<()>> {
+        let mut pending = Vec::with_capacity(batch.len());
+        for m in batch {
+            let (exchange, routing_key, mandatory) = match m.kind {
+                Kind::Event => (m.destination.as_str(), m.message_type.as_str(), false),
+                Kind::Command => ("", m.destination.as_str(), true),
+            };
+            if let Err(e) = check_name(&m.destination) {
+                pending.push(Err(e));
+                continue;
+            }
+            if m.kind == Kind::Event && !link.declared.contains(&m.destination) {
+                let declared = link
+                    .channel
+                    .exchange_declare(
+                        m.destination.as_str().into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                match declared {
+                    Ok(()) => {
+                        link.declared.insert(m.destination.clone());
+                    }
+                    Err(e) => {
+                        pending.push(Err(classify(link, "declaring the topic exchange", e)));
+                        continue;
+                    }
+                }
+            }
+            let sent = link
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    &m.payload,
+                    crate::wire::properties(m),
+                )
+                .await;
+            pending.push(sent.map_err(|e| classify(link, "publishing", e)));
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for (m, p) in batch.iter().zip(pending) {
+            let confirm = match p {
+                Ok(confirm) => confirm,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let outcome = match tokio::time::timeout(self.confirm_timeout, confirm).await {
+                Err(_) => Err(Error::Timeout {
+                    what: "RabbitMQ publisher confirm".to_owned(),
+                    after: self.confirm_timeout,
+                }),
+                Ok(Err(e)) => Err(lapin_err("waiting for a confirm", e)),
+                Ok(Ok(c)) if c.is_nack() => Err(Error::unavailable(
+                    "RabbitMQ",
+                    "the broker nacked the message (internal error)",
+                )),
+                Ok(Ok(c)) => match c.take_message() {
+                    None => Ok(()),
+                    Some(returned) => Err(Error::rejected(format!(
+                        "RabbitMQ returned the {} to {:?}: {} {} (no queue is bound: does its owner exist?)",
+                        m.kind.as_str(),
+                        m.destination,
+                        returned.reply_code,
+                        returned.reply_text
+                    ))),
+                },
+            };
+            results.push(outcome);
+        }
+        results
+    }
+}
+
+/// AMQP names are short strings: at most 255 bytes.
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(Error::rejected(format!(
+            "destination {name:?} is not a valid AMQP name (1 to 255 bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// A failure with the connection still up is about this message (the channel refused it); with
+/// the connection down the outcome is unknown.
+fn classify(link: &Link, what: &str, e: lapin::Error) -> Error {
+    if link.connection.status().connected()
+        && matches!(e.kind(), lapin::ErrorKind::ProtocolError(_))
+    {
+        Error::rejected(format!("RabbitMQ refused {what}: {e}"))
+    } else {
+        lapin_err(what, e)
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitTransport {
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
+        let mut state = self.state.lock().await;
+        let results = match self.link(&mut state).await {
+            Ok(link) => self.publish_on(link, batch).await,
+            Err(e) => {
+                let reason = e.chain();
+                return herald_core::transport::fail_all(batch.len(), || {
+                    Error::unavailable("RabbitMQ", reason.clone())
+                });
+            }
+        };
+        // Any transient failure may have left the channel unusable: start afresh next time.
+        if results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(Error::is_transient))
+        {
+            warn!("dropping the RabbitMQ connection after a failed publish");
+            *state = None;
+        } else if let Some(link) = state.as_ref() {
+            if !link.channel.status().connected() {
+                *state = None;
+            }
+        }
+        results
+    }
+
+    async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Subscriber>> {
+        let connection = self.connect().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_err("opening a channel", e))?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = match subscription.kind {
+            Kind::Event => {
+                // One durable queue per subscribing service: every service gets every event,
+                // instances of one service compete for them.
+                let queue = format!("{}.{}", subscription.service, subscription.destination);
+                channel
+                    .exchange_declare(
+                        subscription.destination.as_str().into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..ExchangeDeclareOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| lapin_err("declaring the topic exchange", e))?;
+                channel
+                    .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+                    .await
+                    .map_err(|e| lapin_err("declaring the service's queue", e))?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        subscription.destination.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| lapin_err("binding the service's queue", e))?;
+                queue
+            }
+            Kind::Command => {
+                channel
+                    .queue_declare(
+                        subscription.destination.as_str().into(),
+                        durable,
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| lapin_err("declaring the command queue", e))?;
+                subscription.destination.clone()
+            }
+        };
+        channel
+            .basic_qos(subscription.prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(|e| lapin_err("setting the prefetch", e))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| lapin_err("starting the consumer", e))?;
+        Ok(Box::new(RabbitSubscriber {
+            _connection: connection,
+            channel,
+            consumer,
+            destination: subscription.destination.clone(),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        format!("rabbitmq {}", self.url.redacted())
+    }
+}
+
+struct RabbitSubscriber {
+    _connection: Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+    destination: String,
+}
+
+#[async_trait]
+impl Subscriber for RabbitSubscriber {
+    async fn next(&mut self) -> Result<Delivery> {
+        let delivery = match self.consumer.next().await {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(lapin_err("consuming", e)),
+            None => return Err(Error::unavailable("RabbitMQ", "the consumer was cancelled")),
+        };
+        match crate::wire::decode(&self.destination, &delivery.properties, delivery.data) {
+            Ok(message) => Ok(Delivery {
+                message,
+                redelivered: delivery.redelivered,
+                tag: delivery.delivery_tag,
+            }),
+            Err(e) => {
+                // Undecodable: take it off the queue (to the queue's dead-letter exchange, if one
+                // is configured) so it cannot block the subscription.
+                let _ = self
+                    .channel
+                    .basic_nack(
+                        delivery.delivery_tag,
+                        BasicNackOptions {
+                            requeue: false,
+                            ..BasicNackOptions::default()
+                        },
+                    )
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn ack(&mut self, delivery: &Delivery) -> Result<()> {
+        self.channel
+            .basic_ack(delivery.tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| lapin_err("acknowledging", e))
+    }
+
+    async fn nack(&mut self, delivery: &Delivery) -> Result<()> {
+        self.channel
+            .basic_nack(
+                delivery.tag,
+                BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| lapin_err("rejecting", e))
+    }
+}

@@ -1,0 +1,48 @@
+-- herald on SQLite: outbox, dead letters and inbox.
+-- `herald migrate` runs this file with `herald_outbox` replaced by the configured table name.
+-- Times are microseconds since the Unix epoch (INTEGER).
+
+CREATE TABLE IF NOT EXISTS herald_outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,   -- publication order; assigned on insert
+    message_id    TEXT    NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16)))),
+    kind          TEXT    NOT NULL DEFAULT 'event' CHECK (kind IN ('event', 'command')),
+    message_type  TEXT    NOT NULL,
+    source        TEXT    NOT NULL DEFAULT '',
+    destination   TEXT    NOT NULL,
+    ordering_key  TEXT,
+    headers       TEXT    NOT NULL DEFAULT '{}',
+    content_type  TEXT    NOT NULL DEFAULT 'application/json',
+    payload       BLOB    NOT NULL,
+    created_at    INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    lease_owner   TEXT,
+    lease_token   INTEGER,
+    lease_until   INTEGER
+);
+
+CREATE INDEX IF NOT EXISTS herald_outbox_key_idx ON herald_outbox (ordering_key, id);
+
+CREATE TABLE IF NOT EXISTS herald_outbox_dead_letter (
+    id              INTEGER PRIMARY KEY,               -- the outbox id it had
+    message_id      TEXT    NOT NULL,
+    kind            TEXT    NOT NULL,
+    message_type    TEXT    NOT NULL,
+    source          TEXT    NOT NULL,
+    destination     TEXT    NOT NULL,
+    ordering_key    TEXT,
+    headers         TEXT    NOT NULL,
+    content_type    TEXT    NOT NULL,
+    payload         BLOB    NOT NULL,
+    created_at      INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    reason          TEXT    NOT NULL,
+    dead_lettered_at INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))
+);
+
+CREATE TABLE IF NOT EXISTS herald_outbox_inbox (
+    consumer      TEXT    NOT NULL,
+    message_id    TEXT    NOT NULL,
+    processed_at  INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)),
+    PRIMARY KEY (consumer, message_id)
+);

@@ -1,0 +1,43 @@
+//! Writing messages into the SQLite outbox, inside the application's transaction.
+
+use herald_core::{Identifier, Message, Result};
+use sqlx::{AssertSqlSafe, SqliteConnection};
+
+/// Inserts messages into the outbox. Takes the caller's connection (usually `&mut *tx` of an open
+/// transaction), never a pool: the message commits or rolls back with the business change.
+#[derive(Debug, Clone)]
+pub struct SqliteOutboxWriter {
+    insert: String,
+}
+
+impl SqliteOutboxWriter {
+    /// A writer for the outbox table `table`.
+    pub fn new(table: &Identifier) -> SqliteOutboxWriter {
+        SqliteOutboxWriter {
+            insert: format!(
+                "INSERT INTO \"{table}\" (message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 content_type, payload, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            ),
+        }
+    }
+
+    /// Adds `message` to the outbox in the caller's transaction. Returns the row's sequence number.
+    pub async fn enqueue(&self, conn: &mut SqliteConnection, message: &Message) -> Result<i64> {
+        let headers = serde_json::to_string(&message.headers).expect("a string map serialises");
+        let done = sqlx::query(AssertSqlSafe(self.insert.as_str()))
+            .bind(message.id.to_string())
+            .bind(message.kind.as_str())
+            .bind(&message.message_type)
+            .bind(&message.source)
+            .bind(&message.destination)
+            .bind(message.ordering_key.as_deref())
+            .bind(headers)
+            .bind(&message.content_type)
+            .bind(&message.payload)
+            .bind(message.created_at_micros())
+            .execute(conn)
+            .await
+            .map_err(|e| crate::error::db("inserting into the outbox", e))?;
+        Ok(done.last_insert_rowid())
+    }
+}

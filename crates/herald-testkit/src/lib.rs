@@ -1,0 +1,19 @@
+//! herald-testkit: the history checker, fault-injecting wrappers and a TCP chaos proxy, used by
+//! herald's own tests, `herald demo`, and anyone testing their setup.
+
+mod flaky;
+mod history;
+mod proxy;
+
+pub use flaky::FlakyTransport;
+pub use history::{History, Verdict};
+pub use proxy::ChaosProxy;
+
+/// A random lowercase suffix for names of per-test schemas, queues and exchanges.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", fastrand_u64())
+}
+
+fn fastrand_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}

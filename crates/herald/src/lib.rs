@@ -1,0 +1,54 @@
+//! herald: never fail to publish an event.
+//!
+//! Write events into an outbox table in the same database transaction as the state change they
+//! announce; herald's relay publishes them to the broker after the commit (at least once, in
+//! commit order per key), and never publishes the events of a transaction that rolled back.
+//!
+//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `rabbitmq`.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> herald::Result<()> {
+//! use std::sync::Arc;
+//! use herald::{Identifier, Message, Relay, RelayConfig};
+//! use herald::sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
+//!
+//! let dir = std::env::temp_dir().join(format!("herald-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let pool = connect(&format!("sqlite://{}/app.db", dir.display())).await?;
+//! let table = Identifier::new("herald_outbox")?;
+//! migrate(&pool, &table).await?;
+//!
+//! // The business change and its event commit together.
+//! let mut tx = pool.begin().await.unwrap();
+//! SqliteOutboxWriter::new(&table)
+//!     .enqueue(&mut tx, &Message::event("orders", "OrderPlaced", br#"{"id":1}"#.to_vec()).with_key("order-1"))
+//!     .await?;
+//! tx.commit().await.unwrap();
+//!
+//! // The relay publishes it to the broker, here the embedded one.
+//! let broker = herald::embedded::EmbeddedTransport::open(&format!("sqlite://{}/broker.db", dir.display())).await?;
+//! let store = SqliteOutbox::new(pool, table).await?;
+//! let relay = Relay::new(Arc::new(store), Arc::new(broker.clone()), RelayConfig::default())?;
+//! assert_eq!(relay.tick().await?.published, 1);
+//! assert_eq!(broker.log_len("orders").await?, 1);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok(()) }
+//! ```
+
+pub use herald_core::*;
+
+/// PostgreSQL storage.
+#[cfg(feature = "postgres")]
+pub use herald_postgres as postgres;
+
+/// SQLite storage.
+#[cfg(feature = "sqlite")]
+pub use herald_sqlite as sqlite;
+
+/// RabbitMQ transport.
+#[cfg(feature = "rabbitmq")]
+pub use herald_rabbitmq as rabbitmq;
+
+/// The embedded, zero-server transport.
+#[cfg(feature = "embedded")]
+pub use herald_embedded as embedded;
