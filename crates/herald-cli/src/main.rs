@@ -1,1 +1,93 @@
-fn main() {}
+//! The `herald` command: migrate, relay, status, demo.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+mod backends;
+mod demo;
+mod relay;
+mod status;
+
+/// herald: never fail to publish an event. A transactional outbox relay for PostgreSQL and SQLite,
+/// publishing to RabbitMQ or an embedded broker.
+#[derive(Parser)]
+#[command(name = "herald", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the outbox, dead-letter and inbox tables (idempotent).
+    Migrate(DbArgs),
+    /// Publish outbox rows to the broker until stopped (SIGTERM or Ctrl-C stop it gracefully).
+    Relay(relay::RelayArgs),
+    /// Show outbox depth, age of the oldest pending message and dead letters per destination.
+    Status(DbArgs),
+    /// Run the order story end to end and check that nothing was lost, phantom or out of order.
+    Demo(demo::DemoArgs),
+}
+
+/// Where the outbox lives.
+#[derive(Args, Clone)]
+pub struct DbArgs {
+    /// Database URL: postgres://user@host/db or sqlite://path.
+    #[arg(long, env = "HERALD_DATABASE_URL", hide_env_values = true)]
+    database: String,
+    /// Outbox table name; dead letters go to <table>_dead_letter, the inbox is <table>_inbox.
+    #[arg(long, env = "HERALD_TABLE", default_value = "herald_outbox")]
+    table: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own progress; its expected warnings (the injected outage) would drown it.
+    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+        "error"
+    } else {
+        "warn,herald=info,herald_core=info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Migrate(args) => migrate(args).await,
+            Command::Relay(args) => relay::run(args).await,
+            Command::Status(args) => status::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    // Do not wait for stray background tasks (a consumer blocked on a socket) on the way out.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let config = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<herald::Error>(),
+                    Some(herald::Error::Config(_) | herald::Error::Schema { .. })
+                )
+            });
+            ExitCode::from(if config { 2 } else { 1 })
+        }
+    }
+}
+
+async fn migrate(args: DbArgs) -> anyhow::Result<ExitCode> {
+    let url = backends::parse_url("database", &args.database)?;
+    let table = herald::Identifier::new(&args.table)?;
+    let db = backends::open_database(&url, None).await?;
+    backends::migrate(&db, &table).await?;
+    println!("migrated {url}: tables {table}, {table}_dead_letter, {table}_inbox are ready");
+    Ok(ExitCode::SUCCESS)
+}

@@ -359,7 +359,9 @@ impl Relay {
                 info!(worker, "relay worker stopped");
                 return Ok(());
             }
-            let wait = match self.tick().await {
+            // After an outage the wait is a backoff that a wake-up must not cut short; when idle
+            // a wake-up (a commit in this process) ends the wait at once.
+            let (wait, wakeable) = match self.tick().await {
                 Ok(report) if report.broker_error.is_some() => {
                     let delay = backoff.next_delay();
                     warn!(
@@ -368,7 +370,7 @@ impl Relay {
                         ?delay,
                         "broker unavailable; backing off"
                     );
-                    delay
+                    (delay, false)
                 }
                 Ok(report) if report.claimed > 0 => {
                     backoff.reset();
@@ -378,20 +380,21 @@ impl Relay {
                 }
                 Ok(_) => {
                     // Idle: poll again soon after activity, then less and less often.
+                    backoff.reset();
                     let delay = idle;
                     idle = (idle * 2).min(cfg.poll_interval);
-                    delay
+                    (delay, true)
                 }
                 Err(e) if e.is_transient() => {
                     let delay = backoff.next_delay();
                     warn!(worker, error = %e.chain(), ?delay, "database unavailable; backing off");
-                    delay
+                    (delay, false)
                 }
                 Err(e) => return Err(e),
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.inner.waker.0.notified() => { idle = Duration::from_millis(1); }
+                _ = self.inner.waker.0.notified(), if wakeable => { idle = Duration::from_millis(1); }
                 _ = stop.changed() => {}
             }
         }

@@ -2,7 +2,7 @@
 -- `herald migrate` runs this file with `herald_outbox` replaced by the configured table name.
 
 CREATE TABLE IF NOT EXISTS herald_outbox (
-    id            BIGSERIAL   PRIMARY KEY,             -- publication order; assigned on insert
+    id            BIGSERIAL   PRIMARY KEY,             -- publication order, assigned on insert
     message_id    UUID        NOT NULL UNIQUE DEFAULT gen_random_uuid(),
     kind          TEXT        NOT NULL DEFAULT 'event' CHECK (kind IN ('event', 'command')),
     message_type  TEXT        NOT NULL,

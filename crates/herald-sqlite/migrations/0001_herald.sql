@@ -3,7 +3,7 @@
 -- Times are microseconds since the Unix epoch (INTEGER).
 
 CREATE TABLE IF NOT EXISTS herald_outbox (
-    id            INTEGER PRIMARY KEY AUTOINCREMENT,   -- publication order; assigned on insert
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,   -- publication order, assigned on insert
     message_id    TEXT    NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16)))),
     kind          TEXT    NOT NULL DEFAULT 'event' CHECK (kind IN ('event', 'command')),
     message_type  TEXT    NOT NULL,

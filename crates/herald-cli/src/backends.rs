@@ -1,0 +1,124 @@
+//! Turning URLs from flags and environment into stores and transports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use herald::{Identifier, OutboxStore, SecretUrl, Transport};
+
+/// The default embedded broker file when no `--broker` is given.
+pub const DEFAULT_BROKER: &str = "sqlite://herald-broker.db";
+
+/// An open application database.
+#[derive(Clone)]
+pub enum Database {
+    /// PostgreSQL.
+    Postgres(sqlx::PgPool),
+    /// SQLite.
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// Parses a URL that may hold a password, without ever echoing it.
+pub fn parse_url(what: &str, raw: &str) -> Result<SecretUrl> {
+    Ok(SecretUrl::parse(what, raw)?)
+}
+
+/// Connects to `url`. `schema`, for PostgreSQL, sets the search path (the demo's own schema).
+pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Database> {
+    match url.scheme() {
+        "postgres" | "postgresql" => {
+            let mut opts: sqlx::postgres::PgConnectOptions = url.expose().parse().map_err(|e| {
+                anyhow::anyhow!("database URL {url} is not a valid PostgreSQL URL: {e}")
+            })?;
+            if let Some(schema) = schema {
+                opts = opts.options([("search_path", schema)]);
+            }
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .with_context(|| format!("cannot connect to the database at {url}"))?;
+            Ok(Database::Postgres(pool))
+        }
+        "sqlite" => Ok(Database::Sqlite(
+            herald::sqlite::connect(url.expose())
+                .await
+                .with_context(|| format!("cannot open the database at {url}"))?,
+        )),
+        other => bail!(
+            "database URL scheme {other:?} is not supported: use postgres://... or sqlite://path"
+        ),
+    }
+}
+
+/// The relay's view of the outbox in `table`.
+pub async fn open_store(db: &Database, table: &Identifier) -> Result<Arc<dyn OutboxStore>> {
+    Ok(match db {
+        Database::Postgres(pool) => {
+            Arc::new(herald::postgres::PgOutbox::new(pool.clone(), table.clone()).await?)
+        }
+        Database::Sqlite(pool) => {
+            Arc::new(herald::sqlite::SqliteOutbox::new(pool.clone(), table.clone()).await?)
+        }
+    })
+}
+
+/// Creates herald's tables.
+pub async fn migrate(db: &Database, table: &Identifier) -> Result<()> {
+    match db {
+        Database::Postgres(pool) => herald::postgres::migrate(pool, table).await?,
+        Database::Sqlite(pool) => herald::sqlite::migrate(pool, table).await?,
+    }
+    Ok(())
+}
+
+/// The broker at `url`: `amqp://` or `amqps://` for RabbitMQ, `sqlite://` for the embedded one.
+pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
+    match url.scheme() {
+        "amqp" | "amqps" => Ok(Arc::new(herald::rabbitmq::RabbitTransport::new(
+            url.clone(),
+        )?)),
+        "sqlite" => Ok(Arc::new(
+            herald::embedded::EmbeddedTransport::open(url.expose())
+                .await
+                .with_context(|| format!("cannot open the embedded broker at {url}"))?,
+        )),
+        other => bail!(
+            "broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ) or sqlite://path (embedded)"
+        ),
+    }
+}
+
+/// Parses `500ms`, `30s`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; use e.g. 500ms, 30s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?} has an unknown unit; use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("fast").is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! `herald relay`: run the outbox relay beside a database.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use herald::relay::FailpointHook;
+use herald::{Failpoint, Relay, RelayConfig};
+use tracing::{info, warn};
+
+use crate::backends::{self, parse_duration};
+
+/// Flags of `herald relay`.
+#[derive(Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    db: crate::DbArgs,
+    /// Broker URL: amqp://user:pass@host:5672/vhost (RabbitMQ) or sqlite://path (embedded broker).
+    #[arg(long, env = "HERALD_BROKER_URL", hide_env_values = true, default_value = backends::DEFAULT_BROKER)]
+    broker: String,
+    /// Rows claimed per batch.
+    #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 256)]
+    batch_size: usize,
+    /// Concurrent claim-publish-mark loops.
+    #[arg(long, env = "HERALD_WORKERS", default_value_t = 2)]
+    workers: usize,
+    /// Lease length: how long claimed rows are exclusive to this relay.
+    #[arg(long, env = "HERALD_LEASE", default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+    /// Longest wait between polls when idle.
+    #[arg(long, env = "HERALD_POLL_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// How long to wait for the broker's confirmations of a batch (at most half the lease).
+    #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    publish_timeout: Duration,
+    /// Attempts for a message the broker rejects before it is dead-lettered.
+    #[arg(long, env = "HERALD_MAX_ATTEMPTS", default_value_t = 5)]
+    max_attempts: u32,
+    /// Largest message published; larger ones are dead-lettered.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Name of this relay in leases and logs.
+    #[arg(long, env = "HERALD_RELAY_ID")]
+    relay_id: Option<String>,
+    /// Exit once the outbox is empty (for batch jobs and tests).
+    #[arg(long)]
+    until_empty: bool,
+    /// Testing only: abort the process at `after-claim` or `after-confirm`.
+    #[arg(long, env = "HERALD_FAILPOINT", hide = true)]
+    failpoint: Option<String>,
+}
+
+impl RelayArgs {
+    fn config(&self) -> anyhow::Result<RelayConfig> {
+        let mut cfg = RelayConfig {
+            batch_size: self.batch_size,
+            workers: self.workers,
+            lease: self.lease,
+            poll_interval: self.poll_interval,
+            publish_timeout: self.publish_timeout,
+            max_attempts: self.max_attempts,
+            max_message_bytes: self.max_message_bytes,
+            ..RelayConfig::default()
+        };
+        if let Some(id) = &self.relay_id {
+            cfg.relay_id = id.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn failpoint_hook(spec: Option<&str>) -> anyhow::Result<Option<FailpointHook>> {
+    let Some(spec) = spec else { return Ok(None) };
+    let point = Failpoint::parse(spec).ok_or_else(|| {
+        herald::Error::config(format!(
+            "failpoint {spec:?} is not after-claim or after-confirm"
+        ))
+    })?;
+    Ok(Some(Arc::new(move |hit: Failpoint| {
+        if hit == point {
+            eprintln!(
+                "herald relay: failpoint {spec_dbg:?} hit, aborting",
+                spec_dbg = hit
+            );
+            std::process::abort();
+        }
+    })))
+}
+
+pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
+    // Everything that can be wrong with the configuration is checked before connecting.
+    let config = args.config()?;
+    let db_url = backends::parse_url("database", &args.db.database)?;
+    let broker_url = backends::parse_url("broker", &args.broker)?;
+    let table = herald::Identifier::new(&args.db.table)?;
+    let hook = failpoint_hook(args.failpoint.as_deref())?;
+
+    let db = backends::open_database(&db_url, None).await?;
+    let store = backends::open_store(&db, &table).await?;
+    let transport = backends::open_transport(&broker_url).await?;
+    for w in store
+        .durability_warnings()
+        .await
+        .context("checking the database's durability settings")?
+    {
+        warn!("{w}");
+    }
+    for w in transport.durability_warnings().await.unwrap_or_default() {
+        warn!("{w}");
+    }
+    info!(database = %db_url, broker = %transport.describe(), table = %table, relay = %config.relay_id, "relay starting");
+
+    let relay = Relay::with_failpoint(store.clone(), transport, config, hook)?;
+    let started = Instant::now();
+    let result = if args.until_empty {
+        drain(&relay).await
+    } else {
+        let reporter = tokio::spawn(report_progress(relay.clone()));
+        let result = relay.run(shutdown_signal()).await;
+        reporter.abort();
+        result.map_err(Into::into)
+    };
+    let c = relay.counters();
+    println!(
+        "relay stopped after {:.1}s: published={} released={} dead_lettered={} lease_lost={} broker_errors={}",
+        started.elapsed().as_secs_f64(),
+        c.published.load(Ordering::Relaxed),
+        c.released.load(Ordering::Relaxed),
+        c.dead_lettered.load(Ordering::Relaxed),
+        c.lease_lost.load(Ordering::Relaxed),
+        c.broker_errors.load(Ordering::Relaxed),
+    );
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Ticks until a claim comes back empty and no broker error is pending.
+async fn drain(relay: &Relay) -> anyhow::Result<()> {
+    let mut backoff =
+        herald::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    loop {
+        let report = relay.tick().await?;
+        if report.broker_error.is_some() {
+            tokio::time::sleep(backoff.next_delay()).await;
+        } else if report.claimed == 0 {
+            return Ok(());
+        }
+    }
+}
+
+async fn report_progress(relay: Relay) {
+    let mut last = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let c = relay.counters();
+        let published = c.published.load(Ordering::Relaxed);
+        info!(
+            published,
+            rate_per_s = (published - last) / 10,
+            dead_lettered = c.dead_lettered.load(Ordering::Relaxed),
+            broker_errors = c.broker_errors.load(Ordering::Relaxed),
+            "relay progress"
+        );
+        last = published;
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received; finishing in-flight batches"),
+        _ = tokio::signal::ctrl_c() => info!("interrupt received; finishing in-flight batches"),
+    }
+}
