@@ -181,8 +181,7 @@ impl Relay {
                     "message is {size} bytes, over the relay's limit of {} bytes (max_message_bytes)",
                     cfg.max_message_bytes
                 );
-                self.reject(&lease, row.seq, &reason, 1, &mut report)
-                    .await?;
+                self.reject(&lease, &row, &reason, 1, &mut report).await?;
             } else {
                 rows.push(row);
             }
@@ -240,7 +239,7 @@ impl Relay {
                 }
                 Err(e) => {
                     let reason = e.chain();
-                    self.reject(&lease, row.seq, &reason, cfg.max_attempts, &mut report)
+                    self.reject(&lease, row, &reason, cfg.max_attempts, &mut report)
                         .await?;
                 }
             }
@@ -284,15 +283,23 @@ impl Relay {
     async fn reject(
         &self,
         lease: &crate::store::Lease,
-        seq: i64,
+        row: &crate::store::OutboxRow,
         reason: &str,
         max_attempts: u32,
         report: &mut TickReport,
     ) -> Result<()> {
+        // Retry a rejected message after a growing delay: an unroutable command often means its
+        // owner has not declared its queue yet.
+        let cfg = &self.inner.config;
+        let retry_after = cfg
+            .backoff_initial
+            .saturating_mul(1 << row.attempts.min(16))
+            .min(cfg.backoff_max);
+        let seq = row.seq;
         match self
             .inner
             .store
-            .record_rejection(lease, seq, reason, max_attempts)
+            .record_rejection(lease, seq, reason, max_attempts, retry_after)
             .await?
         {
             RejectionOutcome::WillRetry => {

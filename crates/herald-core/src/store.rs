@@ -109,12 +109,15 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Records that the broker rejected the row: counts an attempt with `reason`, and moves the row
     /// to the dead-letter table once `max_attempts` is reached (or at once when `max_attempts` is 1).
+    /// Otherwise the row stays unclaimable for `retry_after`; since it stays the head of its key,
+    /// the key's later rows wait too, so a retried message is not overtaken.
     async fn record_rejection(
         &self,
         lease: &Lease,
         seq: i64,
         reason: &str,
         max_attempts: u32,
+        retry_after: Duration,
     ) -> Result<RejectionOutcome>;
 
     /// Pending and dead-lettered counts per destination.

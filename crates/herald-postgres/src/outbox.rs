@@ -64,7 +64,7 @@ impl Sql {
             ),
             reject: format!(
                 "UPDATE \"{t}\" SET attempts = attempts + 1, last_error = $3, \
-                 lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                 lease_owner = NULL, lease_token = NULL, lease_until = now() + $4 * interval '1 microsecond' \
                  WHERE id = $1 AND lease_token = $2 RETURNING attempts"
             ),
             dead_letter: format!(
@@ -241,6 +241,7 @@ impl OutboxStore for PgOutbox {
         seq: i64,
         reason: &str,
         max_attempts: u32,
+        retry_after: Duration,
     ) -> Result<RejectionOutcome> {
         let mut tx = self
             .pool
@@ -251,6 +252,7 @@ impl OutboxStore for PgOutbox {
             .bind(seq)
             .bind(lease.token)
             .bind(reason)
+            .bind(retry_after.as_micros() as f64)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| db("recording a rejection", e))?;

@@ -65,7 +65,7 @@ impl Sql {
             ),
             reject: format!(
                 "UPDATE \"{t}\" SET attempts = attempts + 1, last_error = ?3, \
-                 lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                 lease_owner = NULL, lease_token = NULL, lease_until = ?4 \
                  WHERE id = ?1 AND lease_token = ?2 RETURNING attempts"
             ),
             dead_letter: format!(
@@ -252,7 +252,9 @@ impl OutboxStore for SqliteOutbox {
         seq: i64,
         reason: &str,
         max_attempts: u32,
+        retry_after: Duration,
     ) -> Result<RejectionOutcome> {
+        let retry_at = to_micros(SystemTime::now()) + retry_after.as_micros() as i64;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -262,6 +264,7 @@ impl OutboxStore for SqliteOutbox {
             .bind(seq)
             .bind(lease.token)
             .bind(reason)
+            .bind(retry_at)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| db("recording a rejection", e))?;

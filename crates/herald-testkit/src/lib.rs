@@ -4,6 +4,7 @@
 mod flaky;
 mod history;
 mod proxy;
+pub mod suite;
 
 pub use flaky::FlakyTransport;
 pub use history::{History, Verdict};

@@ -1,0 +1,202 @@
+//! The outbox-store conformance suite on the real PostgreSQL server (a fresh schema per test).
+//!
+//! Needs PostgreSQL at `HERALD_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use herald_core::{Error, Identifier, Message, OutboxStore, Result};
+use herald_postgres::{PgOutbox, PgOutboxWriter, migrate};
+use herald_testkit::suite::{OpenTransaction, StoreHarness};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+fn url() -> String {
+    std::env::var("HERALD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+struct Postgres {
+    pool: PgPool,
+    schema: String,
+    table: Identifier,
+}
+
+async fn harness() -> Postgres {
+    let schema = herald_testkit::unique("herald_test");
+    let admin = PgPool::connect(&url())
+        .await
+        .expect("PostgreSQL must be running for these tests (see .ci/run)");
+    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let opts: PgConnectOptions = url().parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .connect_with(opts.options([("search_path", schema.as_str())]))
+        .await
+        .unwrap();
+    let table = Identifier::new("herald_outbox").unwrap();
+    migrate(&pool, &table).await.unwrap();
+    Postgres {
+        pool,
+        schema,
+        table,
+    }
+}
+
+fn e(err: sqlx::Error) -> Error {
+    Error::unavailable("postgres", err)
+}
+
+struct Open(sqlx::Transaction<'static, sqlx::Postgres>);
+
+#[async_trait]
+impl OpenTransaction for Open {
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.0.commit().await.map_err(e)
+    }
+}
+
+#[async_trait]
+impl StoreHarness for Postgres {
+    async fn store(&self) -> Arc<dyn OutboxStore> {
+        Arc::new(
+            PgOutbox::new(self.pool.clone(), self.table.clone())
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()> {
+        let writer = PgOutboxWriter::new(&self.table);
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        for m in messages {
+            writer.enqueue(&mut tx, m).await?;
+        }
+        if commit {
+            tx.commit().await.map_err(e)
+        } else {
+            tx.rollback().await.map_err(e)
+        }
+    }
+
+    async fn enqueue_open(&self, message: &Message) -> Result<Box<dyn OpenTransaction>> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        PgOutboxWriter::new(&self.table)
+            .enqueue(&mut tx, message)
+            .await?;
+        Ok(Box::new(Open(tx)))
+    }
+
+    async fn insert_plain(
+        &self,
+        destination: &str,
+        message_type: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) VALUES ($1, $2, $3, $4)")
+            .bind(message_type)
+            .bind(destination)
+            .bind(key)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    async fn insert_undecodable(&self, destination: &str) -> Result<()> {
+        sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', $1, '[1,2]', '\\x00')")
+            .bind(destination)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>> {
+        let rows =
+            sqlx::query("SELECT destination, reason FROM herald_outbox_dead_letter ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(e)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn cleanup(&self) {
+        let _ = sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA \"{}\" CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await;
+        self.pool.close().await;
+    }
+}
+
+herald_testkit::store_suite!(harness());
+
+/// A table name with SQL in it is refused before any SQL runs; a missing table is reported with
+/// what to do about it.
+#[tokio::test]
+async fn bad_table_names_and_missing_tables_fail_clearly() {
+    let h = harness().await;
+    let err = Identifier::new("outbox\"; DROP TABLE x;--")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not allowed"), "{err}");
+    let err = PgOutbox::new(h.pool.clone(), Identifier::new("no_such_outbox").unwrap())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no_such_outbox") && err.contains("herald migrate"),
+        "{err}"
+    );
+    sqlx::query("CREATE TABLE half_outbox (id BIGSERIAL PRIMARY KEY, payload BYTEA)")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    let err = PgOutbox::new(h.pool.clone(), Identifier::new("half_outbox").unwrap())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("missing columns: message_id"), "{err}");
+    h.cleanup().await;
+}
+
+/// The relay warns when the database could lose a commit it already published.
+#[tokio::test]
+async fn durability_settings_are_checked() {
+    let h = harness().await;
+    let store = h.store().await;
+    assert!(
+        store.durability_warnings().await.unwrap().is_empty(),
+        "this server runs synchronous_commit=on"
+    );
+    // A session that turned synchronous_commit off, as an application role might.
+    let opts: PgConnectOptions = url().parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.options([
+            ("search_path", h.schema.as_str()),
+            ("synchronous_commit", "off"),
+        ]))
+        .await
+        .unwrap();
+    let store = PgOutbox::new(pool, h.table.clone()).await.unwrap();
+    let warnings = store.durability_warnings().await.unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("synchronous_commit=off")),
+        "{warnings:?}"
+    );
+    h.cleanup().await;
+}

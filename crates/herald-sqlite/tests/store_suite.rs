@@ -1,0 +1,130 @@
+//! The outbox-store conformance suite on SQLite (a fresh database file per test).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use herald_core::{Identifier, Message, OutboxStore, Result};
+use herald_sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
+use herald_testkit::suite::{OpenTransaction, StoreHarness};
+use sqlx::{Row, SqlitePool};
+
+struct Sqlite {
+    pool: SqlitePool,
+    table: Identifier,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn harness() -> Sqlite {
+    let dir = std::env::temp_dir().join(herald_testkit::unique("herald-sqlite-test"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = connect(&format!("sqlite://{}/app.db", dir.display()))
+        .await
+        .unwrap();
+    let table = Identifier::new("herald_outbox").unwrap();
+    migrate(&pool, &table).await.unwrap();
+    Sqlite {
+        pool,
+        table,
+        _dir: TempDir(dir),
+    }
+}
+
+struct Open(sqlx::Transaction<'static, sqlx::Sqlite>);
+
+#[async_trait]
+impl OpenTransaction for Open {
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.0
+            .commit()
+            .await
+            .map_err(|e| herald_core::Error::unavailable("sqlite", e))
+    }
+}
+
+fn e(err: sqlx::Error) -> herald_core::Error {
+    herald_core::Error::unavailable("sqlite", err)
+}
+
+#[async_trait]
+impl StoreHarness for Sqlite {
+    async fn store(&self) -> Arc<dyn OutboxStore> {
+        Arc::new(
+            SqliteOutbox::new(self.pool.clone(), self.table.clone())
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()> {
+        let writer = SqliteOutboxWriter::new(&self.table);
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        for m in messages {
+            writer.enqueue(&mut tx, m).await?;
+        }
+        if commit {
+            tx.commit().await.map_err(e)
+        } else {
+            tx.rollback().await.map_err(e)
+        }
+    }
+
+    fn concurrent_writers(&self) -> bool {
+        // SQLite has one writer at a time: a transaction cannot take a lower id and commit after
+        // another one, so commit order is id order.
+        false
+    }
+
+    async fn enqueue_open(&self, message: &Message) -> Result<Box<dyn OpenTransaction>> {
+        let mut tx = self.pool.begin().await.map_err(e)?;
+        SqliteOutboxWriter::new(&self.table)
+            .enqueue(&mut tx, message)
+            .await?;
+        Ok(Box::new(Open(tx)))
+    }
+
+    async fn insert_plain(
+        &self,
+        destination: &str,
+        message_type: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) VALUES (?1, ?2, ?3, ?4)")
+            .bind(message_type)
+            .bind(destination)
+            .bind(key)
+            .bind(payload)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    async fn insert_undecodable(&self, destination: &str) -> Result<()> {
+        sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', ?1, '[1,2]', x'00')")
+            .bind(destination)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>> {
+        let rows =
+            sqlx::query("SELECT destination, reason FROM herald_outbox_dead_letter ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(e)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+herald_testkit::store_suite!(harness());

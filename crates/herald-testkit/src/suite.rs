@@ -1,0 +1,428 @@
+//! The outbox-store conformance suite. Every store (SQLite, PostgreSQL, ...) runs these checks
+//! against its real database; each backend's test file only implements [`StoreHarness`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_core::memory::MemoryTransport;
+use herald_core::{Message, OutboxStore, RejectionOutcome, Relay, RelayConfig, Result, Transport};
+
+/// What the suite needs from a backend. Each harness works in its own isolated schema or file.
+#[async_trait]
+pub trait StoreHarness: Send + Sync {
+    /// A new store over the shared database, as a separate relay process would open it.
+    async fn store(&self) -> Arc<dyn OutboxStore>;
+    /// Enqueues `messages` in one transaction, then commits or rolls back.
+    async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()>;
+    /// Whether two transactions can write the outbox at once (false for SQLite, which has one
+    /// writer: there, commit order is always id order).
+    fn concurrent_writers(&self) -> bool {
+        true
+    }
+    /// Starts a transaction, enqueues `message`, and returns a handle that commits it later.
+    async fn enqueue_open(&self, message: &Message) -> Result<Box<dyn OpenTransaction>>;
+    /// Inserts a row with plain SQL, as a non-Rust producer following docs/OUTBOX.md would:
+    /// only the required columns (`message_type`, `destination`, `payload`) plus `ordering_key`.
+    async fn insert_plain(
+        &self,
+        destination: &str,
+        message_type: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<()>;
+    /// Inserts a row whose `headers` column is not a JSON object of strings.
+    async fn insert_undecodable(&self, destination: &str) -> Result<()>;
+    /// Reasons recorded in the dead-letter table, by destination.
+    async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>>;
+    /// Removes what the harness created (schema, files). Called after a passing test; a failing
+    /// one leaves its data for inspection.
+    async fn cleanup(&self) {}
+}
+
+/// A transaction left open by [`StoreHarness::enqueue_open`].
+#[async_trait]
+pub trait OpenTransaction: Send {
+    /// Commits it.
+    async fn commit(self: Box<Self>) -> Result<()>;
+}
+
+fn cfg(id: &str) -> RelayConfig {
+    RelayConfig {
+        relay_id: id.to_owned(),
+        batch_size: 64,
+        workers: 1,
+        ..RelayConfig::default()
+    }
+}
+
+async fn drain(relay: &Relay) -> Result<usize> {
+    let mut total = 0;
+    for _ in 0..10_000 {
+        let r = relay.tick().await?;
+        total += r.published;
+        if r.claimed == 0 {
+            return Ok(total);
+        }
+    }
+    panic!("relay did not drain the outbox in 10000 ticks");
+}
+
+/// A rolled-back transaction's message is never claimed, so never published; the committed one is.
+pub async fn rolled_back_is_never_published(h: &dyn StoreHarness) -> Result<()> {
+    let kept = Message::event("t", "Kept", b"1".to_vec()).with_key("k");
+    let dropped = Message::event("t", "Dropped", b"2".to_vec()).with_key("k");
+    h.enqueue(std::slice::from_ref(&dropped), false).await?;
+    h.enqueue(std::slice::from_ref(&kept), true).await?;
+    let broker = MemoryTransport::new();
+    let relay = Relay::new(h.store().await, Arc::new(broker.clone()), cfg("a"))?;
+    assert_eq!(drain(&relay).await?, 1);
+    let ids: Vec<_> = broker.published().iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        vec![kept.id],
+        "only the committed message may be published"
+    );
+    Ok(())
+}
+
+/// A transaction that took a lower id but commits after a higher one has been published is
+/// still published (no high-water mark skips it).
+pub async fn late_commit_with_lower_id_is_published(h: &dyn StoreHarness) -> Result<()> {
+    if !h.concurrent_writers() {
+        eprintln!(
+            "not applicable: this database has one writer at a time, so commit order is id order"
+        );
+        return Ok(());
+    }
+    let early = Message::event("t", "Early", b"1".to_vec()).with_key("a");
+    let late = Message::event("t", "Late", b"2".to_vec()).with_key("b");
+    let open = h.enqueue_open(&early).await?; // takes the lower id, commits last
+    h.enqueue(std::slice::from_ref(&late), true).await?;
+    let broker = MemoryTransport::new();
+    let relay = Relay::new(h.store().await, Arc::new(broker.clone()), cfg("a"))?;
+    assert_eq!(drain(&relay).await?, 1, "only the committed row is visible");
+    open.commit().await?;
+    assert_eq!(drain(&relay).await?, 1, "the late commit must be published");
+    let ids: Vec<_> = broker.published().iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec![late.id, early.id]);
+    Ok(())
+}
+
+/// While one relay holds the oldest rows of a key, another relay gets none of that key's rows, but
+/// does get other keys.
+pub async fn head_of_key_claiming(h: &dyn StoreHarness) -> Result<()> {
+    let a: Vec<_> = (0..4)
+        .map(|i| Message::event("t", "A", vec![i]).with_key("key-a"))
+        .collect();
+    let b = Message::event("t", "B", b"b".to_vec()).with_key("key-b");
+    h.enqueue(&a[..2], true).await?;
+    h.enqueue(std::slice::from_ref(&b), true).await?;
+    h.enqueue(&a[2..], true).await?;
+    let (s1, s2) = (h.store().await, h.store().await);
+    let first = s1.claim("r1", 2, Duration::from_secs(30)).await?;
+    let got: Vec<_> = first.rows.iter().map(|r| r.message.id).collect();
+    assert_eq!(
+        got,
+        vec![a[0].id, a[1].id],
+        "a claim takes rows in id order"
+    );
+    let second = s2.claim("r2", 10, Duration::from_secs(30)).await?;
+    let got: Vec<_> = second.rows.iter().map(|r| r.message.id).collect();
+    assert_eq!(
+        got,
+        vec![b.id],
+        "key-a is held by r1: r2 must not take its later rows"
+    );
+    // Once r1 marks its rows, key-a's remaining rows become claimable, in order.
+    let seqs: Vec<_> = first.rows.iter().map(|r| r.seq).collect();
+    assert_eq!(s1.complete(&first.lease, &seqs).await?, 2);
+    let third = s2.claim("r2", 10, Duration::from_secs(30)).await?;
+    let got: Vec<_> = third.rows.iter().map(|r| r.message.id).collect();
+    assert_eq!(got, vec![a[2].id, a[3].id]);
+    Ok(())
+}
+
+/// A relay whose lease expired cannot mark or release rows another relay has claimed since, and
+/// a relay whose lease is no longer usable does not publish.
+pub async fn expired_lease_is_fenced(h: &dyn StoreHarness) -> Result<()> {
+    let m = Message::event("t", "M", b"x".to_vec()).with_key("k");
+    h.enqueue(std::slice::from_ref(&m), true).await?;
+    let (zombie, successor) = (h.store().await, h.store().await);
+    // A zero-length lease is expired the moment it is taken: the zombie "paused" right after.
+    let stale = zombie.claim("zombie", 10, Duration::ZERO).await?;
+    assert_eq!(stale.rows.len(), 1);
+    let fresh = successor
+        .claim("successor", 10, Duration::from_secs(30))
+        .await?;
+    assert_eq!(fresh.rows.len(), 1, "an expired lease can be taken over");
+    assert_eq!(
+        zombie.complete(&stale.lease, &[stale.rows[0].seq]).await?,
+        0,
+        "the zombie's mark must be refused"
+    );
+    assert_eq!(
+        zombie.release(&stale.lease, &[stale.rows[0].seq]).await?,
+        0,
+        "the zombie's release must be refused"
+    );
+    assert_eq!(
+        zombie
+            .record_rejection(&stale.lease, stale.rows[0].seq, "x", 1, Duration::ZERO)
+            .await?,
+        RejectionOutcome::LeaseLost
+    );
+    assert_eq!(
+        successor
+            .complete(&fresh.lease, &[fresh.rows[0].seq])
+            .await?,
+        1
+    );
+    assert!(
+        !stale.lease.usable(Duration::ZERO),
+        "an expired lease is not usable for publishing"
+    );
+    Ok(())
+}
+
+/// A released row (after a broker outage) is claimable again at once, without an attempt counted.
+pub async fn released_rows_are_claimable_again(h: &dyn StoreHarness) -> Result<()> {
+    h.enqueue(&[Message::event("t", "M", b"x".to_vec())], true)
+        .await?;
+    let s = h.store().await;
+    let c = s.claim("r", 10, Duration::from_secs(30)).await?;
+    assert_eq!(s.release(&c.lease, &[c.rows[0].seq]).await?, 1);
+    let again = s.claim("r", 10, Duration::from_secs(30)).await?;
+    assert_eq!(again.rows.len(), 1);
+    assert_eq!(
+        again.rows[0].attempts, 0,
+        "an outage must not count as an attempt"
+    );
+    Ok(())
+}
+
+/// A message the broker keeps rejecting is dead-lettered after `max_attempts`, with the reason;
+/// an oversized message is dead-lettered at once; other messages keep flowing.
+pub async fn poison_is_dead_lettered_with_reason(h: &dyn StoreHarness) -> Result<()> {
+    h.enqueue(
+        &[Message::event("t", "Big", vec![b'x'; 4096]).with_key("big")],
+        true,
+    )
+    .await?;
+    h.enqueue(
+        &[Message::command("nobody", "Cmd", b"c".to_vec()).with_key("cmd")],
+        true,
+    )
+    .await?;
+    h.enqueue(
+        &[Message::event("t", "Fine", b"f".to_vec()).with_key("fine")],
+        true,
+    )
+    .await?;
+    let broker = RejectCommands(MemoryTransport::new());
+    let config = RelayConfig {
+        max_message_bytes: 1024,
+        max_attempts: 3,
+        backoff_initial: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(4),
+        ..cfg("r")
+    };
+    let relay = Relay::new(h.store().await, Arc::new(broker.clone()), config)?;
+    let (mut dead, mut rejected) = (0, 0);
+    // Rejected commands wait a few milliseconds between attempts; tick until they are parked.
+    for _ in 0..100_000 {
+        let r = relay.tick().await?;
+        dead += r.dead_lettered;
+        rejected += r.rejected;
+        if dead == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(dead, 2);
+    assert_eq!(
+        rejected, 2,
+        "the command is retried before it is dead-lettered"
+    );
+    let fine: Vec<_> = broker
+        .0
+        .published()
+        .into_iter()
+        .map(|m| m.message_type)
+        .collect();
+    assert_eq!(fine, vec!["Fine"]);
+    let reasons: HashMap<_, _> = h.dead_letter_reasons().await?.into_iter().collect();
+    assert!(
+        reasons["t"].contains("over the relay's limit of 1024 bytes"),
+        "{reasons:?}"
+    );
+    assert!(reasons["nobody"].contains("no owner"), "{reasons:?}");
+    let stats = h.store().await.stats().await?;
+    assert_eq!(stats.iter().map(|s| s.pending).sum::<u64>(), 0);
+    assert_eq!(stats.iter().map(|s| s.dead_letters).sum::<u64>(), 2);
+    Ok(())
+}
+
+/// A row that cannot be decoded is parked in the dead-letter table with the reason, not dropped
+/// and not retried forever.
+pub async fn undecodable_row_is_dead_lettered(h: &dyn StoreHarness) -> Result<()> {
+    h.insert_undecodable("bad").await?;
+    let broker = MemoryTransport::new();
+    let relay = Relay::new(h.store().await, Arc::new(broker.clone()), cfg("r"))?;
+    drain(&relay).await?;
+    assert!(broker.published().is_empty());
+    let reasons = h.dead_letter_reasons().await?;
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].1.contains("headers are not a JSON object"),
+        "{reasons:?}"
+    );
+    Ok(())
+}
+
+/// A row inserted with plain SQL, with only the documented required columns, is published with
+/// the documented defaults.
+pub async fn plain_sql_row_is_published(h: &dyn StoreHarness) -> Result<()> {
+    h.insert_plain("orders", "OrderPlaced", "order-1", br#"{"id":1}"#)
+        .await?;
+    let broker = MemoryTransport::new();
+    let relay = Relay::new(h.store().await, Arc::new(broker.clone()), cfg("r"))?;
+    assert_eq!(drain(&relay).await?, 1);
+    let m = &broker.published()[0];
+    assert_eq!(m.kind, herald_core::Kind::Event);
+    assert_eq!(m.message_type, "OrderPlaced");
+    assert_eq!(m.ordering_key.as_deref(), Some("order-1"));
+    assert_eq!(m.content_type, "application/json");
+    assert_eq!(m.payload, br#"{"id":1}"#);
+    let age = std::time::SystemTime::now()
+        .duration_since(m.created_at)
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(300),
+        "created_at defaults to now, got {age:?} ago"
+    );
+    Ok(())
+}
+
+/// Two relays draining one outbox concurrently: every message published, each key in order.
+pub async fn two_relays_keep_order_per_key(h: &dyn StoreHarness) -> Result<()> {
+    // Few keys and small batches, so that each key's rows spread over both relays' batches.
+    let keys = 5;
+    let per_key = 40u8;
+    let mut expected = 0;
+    for round in 0..per_key {
+        let batch: Vec<_> = (0..keys)
+            .map(|k| Message::event("t", "E", vec![round]).with_key(format!("k{k}")))
+            .collect();
+        expected += batch.len();
+        h.enqueue(&batch, true).await?;
+    }
+    let broker = MemoryTransport::new();
+    // Publishing takes a random few milliseconds, so the two relays interleave as real ones do.
+    let transport: Arc<dyn Transport> = Arc::new(Jittery(broker.clone()));
+    let small = |id| RelayConfig {
+        batch_size: 3,
+        ..cfg(id)
+    };
+    let r1 = Relay::new(h.store().await, transport.clone(), small("r1"))?;
+    let r2 = Relay::new(h.store().await, transport, small("r2"))?;
+    let (a, b) = tokio::join!(drain(&r1), drain(&r2));
+    let published = broker.published();
+    assert_eq!(a? + b?, expected);
+    assert_eq!(published.len(), expected, "no message lost or duplicated");
+    let mut last: HashMap<String, u8> = HashMap::new();
+    for m in &published {
+        let key = m.ordering_key.clone().unwrap_or_default();
+        let seq = m.payload[0];
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(
+                seq > prev,
+                "key {key} published out of order: {seq} after {prev}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Takes 0 to 3 ms before publishing.
+struct Jittery(MemoryTransport);
+
+#[async_trait]
+impl Transport for Jittery {
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
+        tokio::time::sleep(Duration::from_micros(fastrand::u64(0..3000))).await;
+        self.0.publish(batch).await
+    }
+
+    async fn subscribe(
+        &self,
+        s: &herald_core::Subscription,
+    ) -> Result<Box<dyn herald_core::Subscriber>> {
+        self.0.subscribe(s).await
+    }
+
+    fn describe(&self) -> String {
+        "jittery-memory".to_owned()
+    }
+}
+
+/// Rejects every command as unowned, like a broker with no queue bound for it.
+#[derive(Clone)]
+struct RejectCommands(MemoryTransport);
+
+#[async_trait]
+impl Transport for RejectCommands {
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
+        let events: Vec<_> = batch
+            .iter()
+            .filter(|m| m.kind == herald_core::Kind::Event)
+            .cloned()
+            .collect();
+        self.0.publish(&events).await;
+        batch
+            .iter()
+            .map(|m| match m.kind {
+                herald_core::Kind::Event => Ok(()),
+                herald_core::Kind::Command => Err(herald_core::Error::rejected(
+                    "no owner for this command queue",
+                )),
+            })
+            .collect()
+    }
+
+    async fn subscribe(
+        &self,
+        s: &herald_core::Subscription,
+    ) -> Result<Box<dyn herald_core::Subscriber>> {
+        self.0.subscribe(s).await
+    }
+
+    fn describe(&self) -> String {
+        "reject-commands".to_owned()
+    }
+}
+
+/// Runs every check of the suite, each against a fresh harness from `make`.
+#[macro_export]
+macro_rules! store_suite {
+    ($make:expr) => {
+        $crate::store_suite!(@one $make, rolled_back_is_never_published);
+        $crate::store_suite!(@one $make, late_commit_with_lower_id_is_published);
+        $crate::store_suite!(@one $make, head_of_key_claiming);
+        $crate::store_suite!(@one $make, expired_lease_is_fenced);
+        $crate::store_suite!(@one $make, released_rows_are_claimable_again);
+        $crate::store_suite!(@one $make, poison_is_dead_lettered_with_reason);
+        $crate::store_suite!(@one $make, undecodable_row_is_dead_lettered);
+        $crate::store_suite!(@one $make, plain_sql_row_is_published);
+        $crate::store_suite!(@one $make, two_relays_keep_order_per_key);
+    };
+    (@one $make:expr, $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let harness = $make.await;
+            $crate::suite::$name(&harness).await.expect(stringify!($name));
+            $crate::suite::StoreHarness::cleanup(&harness).await;
+        }
+    };
+}
