@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use herald::{Identifier, OutboxStore, SecretUrl, Transport};
 
 /// The default embedded broker file when no `--broker` is given.
@@ -46,9 +46,10 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
                 .await
                 .with_context(|| format!("cannot open the database at {url}"))?,
         )),
-        other => bail!(
+        other => Err(herald::Error::config(format!(
             "database URL scheme {other:?} is not supported: use postgres://... or sqlite://path"
-        ),
+        ))
+        .into()),
     }
 }
 
@@ -84,9 +85,7 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
                 .await
                 .with_context(|| format!("cannot open the embedded broker at {url}"))?,
         )),
-        other => bail!(
-            "broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ) or sqlite://path (embedded)"
-        ),
+        other => Err(herald::Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ) or sqlite://path (embedded)")).into()),
     }
 }
 

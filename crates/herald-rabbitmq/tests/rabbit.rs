@@ -1,0 +1,268 @@
+//! The RabbitMQ transport against the real broker (`HERALD_TEST_AMQP`, default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`). Every test uses its own exchange and queues.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use herald_core::{
+    Error, Identifier, Kind, Message, OutboxStore, Relay, RelayConfig, SecretUrl, Subscription,
+    Transport,
+};
+use herald_rabbitmq::RabbitTransport;
+use herald_testkit::{ChaosProxy, unique};
+use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+
+fn url() -> String {
+    std::env::var("HERALD_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn transport() -> RabbitTransport {
+    RabbitTransport::new(SecretUrl::parse("broker", &url()).unwrap()).unwrap()
+}
+
+async fn next(sub: &mut Box<dyn herald_core::Subscriber>) -> herald_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a delivery within 10 s")
+        .unwrap()
+}
+
+async fn delete_queues(names: &[String]) {
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for q in names {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+/// Every subscribing service gets every event, with the message intact.
+#[tokio::test]
+async fn every_service_gets_every_event() {
+    let topic = unique("orders");
+    let rabbit = transport();
+    let mut billing = rabbit
+        .subscribe(&Subscription::events(&topic, "billing"))
+        .await
+        .unwrap();
+    let mut email = rabbit
+        .subscribe(&Subscription::events(&topic, "email"))
+        .await
+        .unwrap();
+    let m = Message::event(&topic, "OrderPlaced", br#"{"id":1}"#.to_vec())
+        .with_key("order-1")
+        .with_source("/shop")
+        .with_header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+    let results = rabbit.publish(std::slice::from_ref(&m)).await;
+    assert!(results[0].is_ok(), "{results:?}");
+    for sub in [&mut billing, &mut email] {
+        let d = next(sub).await;
+        assert_eq!(d.message, m);
+        sub.ack(&d).await.unwrap();
+    }
+    delete_queues(&[format!("billing.{topic}"), format!("email.{topic}")]).await;
+}
+
+/// A command to a queue nobody owns comes back as a rejection (not a silent drop); once the owner
+/// has subscribed, the same command is delivered to it.
+#[tokio::test]
+async fn a_command_needs_an_owner() {
+    let queue = unique("billing-commands");
+    let rabbit = transport();
+    let cmd = Message::command(&queue, "ChargeCard", b"{}".to_vec()).with_key("order-1");
+    let results = rabbit.publish(std::slice::from_ref(&cmd)).await;
+    let err = results[0].as_ref().unwrap_err();
+    assert!(
+        !err.is_transient(),
+        "an unroutable command is poison, not an outage: {err}"
+    );
+    assert!(err.to_string().contains("NO_ROUTE"), "{err}");
+
+    let mut owner = rabbit
+        .subscribe(&Subscription::commands(&queue, "billing"))
+        .await
+        .unwrap();
+    assert!(rabbit.publish(std::slice::from_ref(&cmd)).await[0].is_ok());
+    let d = next(&mut owner).await;
+    assert_eq!(d.message.kind, Kind::Command);
+    assert_eq!(d.message.id, cmd.id);
+    owner.ack(&d).await.unwrap();
+    delete_queues(&[queue]).await;
+}
+
+/// What a client that is not herald's sees: CloudEvents binary-mode headers and persistent delivery.
+#[tokio::test]
+async fn wire_format_seen_by_a_plain_amqp_client() {
+    let queue = unique("plain");
+    let rabbit = transport();
+    // Declare the queue as a plain client would, then send a command to it.
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let cmd =
+        Message::command(&queue, "ChargeCard", br#"{"amount":5}"#.to_vec()).with_key("order-9");
+    assert!(rabbit.publish(std::slice::from_ref(&cmd)).await[0].is_ok());
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let headers = d.properties.headers().clone().unwrap();
+    let h = |k: &str| match headers.inner().get(k) {
+        Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    assert!(h("ce-specversion").contains("1.0"));
+    assert!(h("ce-id").contains(&cmd.id.to_string()));
+    assert!(h("ce-type").contains("ChargeCard"));
+    assert!(h("ce-partitionkey").contains("order-9"));
+    assert_eq!(
+        d.properties.delivery_mode(),
+        &Some(2),
+        "messages are persistent"
+    );
+    assert_eq!(
+        d.properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(d.data, cmd.payload);
+    delete_queues(&[queue]).await;
+}
+
+/// The broker unreachable for a while (the network cut by a proxy): publishes fail as transient,
+/// rows are released, nothing is dead-lettered, and everything is delivered after the link heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_delays_but_loses_nothing() {
+    let topic = unique("outage");
+    let proxy = ChaosProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .unwrap();
+    let via_proxy = url().replace("127.0.0.1:5672", &proxy.addr().to_string());
+    let rabbit: Arc<dyn Transport> = Arc::new(
+        RabbitTransport::new(SecretUrl::parse("broker", &via_proxy).unwrap())
+            .unwrap()
+            .with_confirm_timeout(Duration::from_secs(2)),
+    );
+    // The consumer connects directly, not through the proxy.
+    let direct = transport();
+    let mut sub = direct
+        .subscribe(&Subscription::events(&topic, "svc"))
+        .await
+        .unwrap();
+
+    let dir = std::env::temp_dir().join(unique("herald-rabbit-outage"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = herald_sqlite::connect(&format!("sqlite://{}/app.db", dir.display()))
+        .await
+        .unwrap();
+    let table = Identifier::new("herald_outbox").unwrap();
+    herald_sqlite::migrate(&pool, &table).await.unwrap();
+    let writer = herald_sqlite::SqliteOutboxWriter::new(&table);
+    let messages: Vec<_> = (0..50u8)
+        .map(|i| Message::event(&topic, "E", vec![i]).with_key(format!("k{}", i % 5)))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    for m in &messages {
+        writer.enqueue(&mut tx, m).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let store = Arc::new(
+        herald_sqlite::SqliteOutbox::new(pool.clone(), table)
+            .await
+            .unwrap(),
+    );
+    let relay = Relay::new(
+        store.clone(),
+        rabbit,
+        RelayConfig {
+            batch_size: 10,
+            ..RelayConfig::default()
+        },
+    )
+    .unwrap();
+
+    // One batch goes through, then the network is cut.
+    assert_eq!(relay.tick().await.unwrap().published, 10);
+    proxy.cut();
+    for _ in 0..3 {
+        let r = relay.tick().await.unwrap();
+        assert_eq!(r.published, 0);
+        assert!(r.broker_error.is_some(), "{r:?}");
+        assert_eq!(r.dead_lettered, 0);
+        assert_eq!(r.released, 10, "rows are given back, not dead-lettered");
+    }
+    proxy.heal();
+    let mut published = 10;
+    while published < 50 {
+        let r = relay.tick().await.unwrap();
+        assert_eq!(r.dead_lettered, 0);
+        published += r.published;
+    }
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        stats
+            .iter()
+            .map(|s| s.pending + s.dead_letters)
+            .sum::<u64>(),
+        0
+    );
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        let d = next(&mut sub).await;
+        got.push(d.message.id);
+        sub.ack(&d).await.unwrap();
+    }
+    let want: Vec<_> = messages.iter().map(|m| m.id).collect();
+    assert_eq!(got, want, "all delivered, in order");
+    delete_queues(&[format!("svc.{topic}")]).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Bad broker URLs fail at construction with a message that does not echo the password.
+#[test]
+fn bad_urls_fail_without_leaking_secrets() {
+    let err = SecretUrl::parse("broker", "amqp//guest:sentinel-pw@host")
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("sentinel-pw"), "{err}");
+    let err = match RabbitTransport::new(
+        SecretUrl::parse("broker", "http://u:sentinel-pw@h/").unwrap(),
+    ) {
+        Err(Error::Config(msg)) => msg,
+        other => panic!("expected a config error, got {:?}", other.err()),
+    };
+    assert!(
+        err.contains("amqp://") && !err.contains("sentinel-pw"),
+        "{err}"
+    );
+}
