@@ -234,17 +234,17 @@ impl Transport for RabbitTransport {
                 });
             }
         };
-        // Any transient failure may have left the channel unusable: start afresh next time.
-        if results
+        // Any transient failure may have left the channel unusable, and a refused declaration
+        // closes the channel: start afresh next time.
+        let failed = results
             .iter()
-            .any(|r| r.as_ref().is_err_and(Error::is_transient))
-        {
+            .any(|r| r.as_ref().is_err_and(Error::is_transient));
+        let closed = state
+            .as_ref()
+            .is_some_and(|l| !l.channel.status().connected());
+        if failed || closed {
             warn!("dropping the RabbitMQ connection after a failed publish");
             *state = None;
-        } else if let Some(link) = state.as_ref() {
-            if !link.channel.status().connected() {
-                *state = None;
-            }
         }
         results
     }
