@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use herald::{Identifier, Message, Relay, RelayConfig, Subscription, Transport};
+use herald::{
+    Consumer, ConsumerConfig, Identifier, Message, Received, Relay, RelayConfig, Subscriber,
+    Subscription, Transport,
+};
 use herald_testkit::{FlakyTransport, History};
 
 use crate::backends::{self, Database};
@@ -117,43 +120,27 @@ impl Demo {
         Ok(())
     }
 
-    /// The email service's handler: inbox row and email row in one transaction. Returns whether
-    /// the message was new (false: a duplicate, suppressed).
-    async fn handle(&self, m: &Message, order_id: &str) -> Result<bool> {
-        let send = m.message_type == "OrderPlaced";
-        match &self.db {
-            Database::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let inbox = herald::postgres::PgInbox::new(&self.table)?;
-                if !inbox.record(&mut tx, CONSUMER, m.id).await? {
-                    return Ok(false);
-                }
-                if send {
-                    sqlx::query("INSERT INTO emails (order_id, message_id) VALUES ($1, $2)")
-                        .bind(order_id)
-                        .bind(m.id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-            }
-            Database::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let inbox = herald::sqlite::SqliteInbox::new(&self.table)?;
-                if !inbox.record(&mut tx, CONSUMER, m.id).await? {
-                    return Ok(false);
-                }
-                if send {
-                    sqlx::query("INSERT INTO emails (order_id, message_id) VALUES (?1, ?2)")
-                        .bind(order_id)
-                        .bind(m.id.to_string())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await?;
-            }
-        }
-        Ok(true)
+    /// The email service: a consumer whose handler records a (simulated) email per placed order,
+    /// in the inbox transaction.
+    fn email_service(&self, transport: Arc<dyn Transport>, topic: &str) -> Result<Consumer> {
+        let apply: Arc<dyn herald::Apply> = match &self.db {
+            Database::Postgres(pool) => Arc::new(herald::postgres::PgApplier::new(
+                pool.clone(),
+                &self.table,
+                PgEmails,
+            )?),
+            Database::Sqlite(pool) => Arc::new(herald::sqlite::SqliteApplier::new(
+                pool.clone(),
+                &self.table,
+                SqliteEmails,
+            )?),
+        };
+        Ok(Consumer::new(
+            transport,
+            apply,
+            Subscription::events(topic, CONSUMER),
+            ConsumerConfig::default(),
+        )?)
     }
 
     /// (emails sent, orders that got more than one email).
@@ -180,6 +167,99 @@ impl Demo {
             .execute(pool)
             .await;
         }
+    }
+}
+
+struct PgEmails;
+
+#[async_trait::async_trait]
+impl herald::postgres::PgHandler for PgEmails {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        m: &Message,
+    ) -> Result<(), herald::BoxError> {
+        if m.message_type == "OrderPlaced" {
+            sqlx::query("INSERT INTO emails (order_id, message_id) VALUES ($1, $2)")
+                .bind(m.ordering_key.as_deref())
+                .bind(m.id)
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+struct SqliteEmails;
+
+#[async_trait::async_trait]
+impl herald::sqlite::SqliteHandler for SqliteEmails {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        m: &Message,
+    ) -> Result<(), herald::BoxError> {
+        if m.message_type == "OrderPlaced" {
+            sqlx::query("INSERT INTO emails (order_id, message_id) VALUES (?1, ?2)")
+                .bind(m.ordering_key.as_deref())
+                .bind(m.id.to_string())
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Records every delivery (duplicates included) in the history, for the checker.
+struct Recorder {
+    inner: Arc<dyn Transport>,
+    history: Arc<Mutex<History>>,
+}
+
+#[async_trait::async_trait]
+impl Transport for Recorder {
+    async fn publish(&self, batch: &[Message]) -> Vec<herald::Result<()>> {
+        self.inner.publish(batch).await
+    }
+
+    async fn subscribe(&self, s: &Subscription) -> herald::Result<Box<dyn Subscriber>> {
+        let inner = self.inner.subscribe(s).await?;
+        Ok(Box::new(RecordingSubscriber {
+            inner,
+            history: self.history.clone(),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+struct RecordingSubscriber {
+    inner: Box<dyn Subscriber>,
+    history: Arc<Mutex<History>>,
+}
+
+#[async_trait::async_trait]
+impl Subscriber for RecordingSubscriber {
+    async fn next(&mut self) -> herald::Result<Received> {
+        let r = self.inner.next().await?;
+        if let Received::Message(d) = &r {
+            let key = d.message.ordering_key.clone().unwrap_or_default();
+            self.history
+                .lock()
+                .expect("history")
+                .delivered(d.message.id, &key, seq_of(&d.message));
+        }
+        Ok(r)
+    }
+
+    async fn ack(&mut self, tag: u64) -> herald::Result<()> {
+        self.inner.ack(tag).await
+    }
+
+    async fn nack(&mut self, tag: u64) -> herald::Result<()> {
+        self.inner.nack(tag).await
     }
 }
 
@@ -274,38 +354,24 @@ async fn story(
 ) -> Result<ExitCode> {
     let flaky = FlakyTransport::new(broker);
     let history = Arc::new(Mutex::new(History::new()));
-    let duplicates = Arc::new(AtomicU64::new(0));
-    let delivered = Arc::new(AtomicU64::new(0));
 
     // The email service subscribes first, so its queue exists before anything is published.
-    let mut subscriber = flaky
-        .subscribe(&Subscription::events(topic, CONSUMER))
-        .await?;
+    let recorder: Arc<dyn Transport> = Arc::new(Recorder {
+        inner: Arc::new(flaky.clone()),
+        history: history.clone(),
+    });
+    let emails = demo.email_service(recorder, topic)?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let consumer = {
-        let (demo, history, duplicates, delivered) = (
-            demo.clone(),
-            history.clone(),
-            duplicates.clone(),
-            delivered.clone(),
-        );
+        let (emails, mut stopped) = (emails.clone(), stopped.clone());
+        let mut sub = emails.subscribe().await?;
         tokio::spawn(async move {
             loop {
-                let d = subscriber.next().await?;
-                let key = d.message.ordering_key.clone().unwrap_or_default();
-                let fresh = demo.handle(&d.message, &key).await?;
-                history
-                    .lock()
-                    .expect("history")
-                    .delivered(d.message.id, &key, seq_of(&d.message));
-                if fresh {
-                    delivered.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    duplicates.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = stopped.changed() => return anyhow::Ok(()),
+                    r = sub.next() => { emails.handle(sub.as_mut(), r?).await?; }
                 }
-                subscriber.ack(&d).await?;
             }
-            #[allow(unreachable_code)]
-            anyhow::Ok(())
         })
     };
 
@@ -336,7 +402,6 @@ async fn story(
             },
         )?,
     ];
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let running: Vec<_> = relays
         .iter()
         .map(|r| {
@@ -354,9 +419,9 @@ async fn story(
     let producing = Arc::new(AtomicU64::new(0));
     let broker_down = Arc::new(AtomicBool::new(false));
     let progress = {
-        let (producing, delivered, relays, down) = (
+        let (producing, emails, relays, down) = (
             producing.clone(),
-            delivered.clone(),
+            emails.clone(),
             relays.clone(),
             broker_down.clone(),
         );
@@ -371,7 +436,7 @@ async fn story(
                 eprintln!(
                     "demo: placed {:>6}/{orders}  published {published:>6}  delivered {:>6}  broker {}",
                     producing.load(Ordering::Relaxed),
-                    delivered.load(Ordering::Relaxed),
+                    emails.counters().applied.load(Ordering::Relaxed),
                     if down.load(Ordering::Relaxed) {
                         "DOWN"
                     } else {
@@ -448,7 +513,8 @@ async fn story(
     // Wait until every committed message has been delivered (or a minute has passed).
     let expected = history.lock().expect("history").check().committed as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+    while emails.counters().applied.load(Ordering::Relaxed) < expected && Instant::now() < deadline
+    {
         if consumer.is_finished() {
             break;
         }
@@ -478,7 +544,7 @@ async fn story(
         .iter()
         .map(|r| r.counters().dead_lettered.load(Ordering::Relaxed))
         .sum();
-    let (emails, twice) = demo.emails().await?;
+    let (emails_sent, twice) = demo.emails().await?;
     let committed = committed_orders.len();
     println!(
         "demo: {:.1}s, relays=2, broker refused {} publishes while down, {} confirmations lost, duplicates delivered={} suppressed by inbox={}, dead_lettered={dead_lettered}",
@@ -486,10 +552,10 @@ async fn story(
         flaky.refused(),
         flaky.confirms_lost(),
         verdict.duplicates,
-        duplicates.load(Ordering::Relaxed),
+        emails.counters().duplicates.load(Ordering::Relaxed),
     );
     println!(
-        "demo: emails sent={emails} (one per committed order: {committed}), orders emailed twice={twice}"
+        "demo: emails sent={emails_sent} (one per committed order: {committed}), orders emailed twice={twice}"
     );
     println!(
         "demo: orders={orders} committed={committed} rolled_back={rolled_back} published={published} delivered={} lost={} phantom={} out_of_order={}",
@@ -498,7 +564,7 @@ async fn story(
         verdict.phantom.len(),
         verdict.out_of_order.len()
     );
-    let ok = verdict.ok() && twice == 0 && emails == committed as i64;
+    let ok = verdict.ok() && twice == 0 && emails_sent == committed as i64;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

@@ -74,6 +74,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A consumer's handler failed. Retried up to the consumer's attempt limit, then the message is
+    /// dead-lettered with this error as the reason.
+    #[error("handler failed")]
+    Handler {
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// This relay's lease on claimed rows expired and another relay may own them now; the
     /// operation was refused so that it cannot act out of turn.
     #[error("lease {token} lost: expired or taken over by another relay")]
@@ -93,6 +102,7 @@ impl Error {
             | Error::Schema { .. }
             | Error::Rejected { .. }
             | Error::Decode { .. }
+            | Error::Handler { .. }
             | Error::LeaseLost { .. } => false,
         }
     }

@@ -19,6 +19,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod consumer;
 pub mod error;
 pub mod memory;
 pub mod message;
@@ -27,8 +28,9 @@ pub mod store;
 pub mod transport;
 
 pub use config::{Identifier, RelayConfig, SecretUrl};
+pub use consumer::{Applied, Apply, Consumer, ConsumerConfig};
 pub use error::{BoxError, Error, Result};
 pub use message::{Kind, Message};
 pub use relay::{Failpoint, Relay, TickReport, Waker};
 pub use store::{Claim, DestinationStats, Lease, OutboxRow, OutboxStore, RejectionOutcome};
-pub use transport::{Delivery, Subscriber, Subscription, Transport};
+pub use transport::{Delivery, Received, Subscriber, Subscription, Transport, Undecodable};

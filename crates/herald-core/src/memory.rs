@@ -8,7 +8,7 @@ use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
 use crate::message::{Kind, Message};
-use crate::transport::{Delivery, Subscriber, Subscription, Transport};
+use crate::transport::{Delivery, Received, Subscriber, Subscription, Transport};
 
 /// Keeps every published message in a vector, in publish order.
 #[derive(Clone, Default)]
@@ -74,7 +74,7 @@ struct MemorySubscriber {
 
 #[async_trait]
 impl Subscriber for MemorySubscriber {
-    async fn next(&mut self) -> Result<Delivery> {
+    async fn next(&mut self) -> Result<Received> {
         loop {
             let notified = self.shared.notify.notified();
             {
@@ -83,11 +83,11 @@ impl Subscriber for MemorySubscriber {
                     let i = self.next;
                     self.next += 1;
                     if log[i].destination == self.topic {
-                        return Ok(Delivery {
+                        return Ok(Received::Message(Delivery {
                             message: log[i].clone(),
                             redelivered: false,
                             tag: i as u64,
-                        });
+                        }));
                     }
                 }
             }
@@ -95,11 +95,11 @@ impl Subscriber for MemorySubscriber {
         }
     }
 
-    async fn ack(&mut self, _delivery: &Delivery) -> Result<()> {
+    async fn ack(&mut self, _tag: u64) -> Result<()> {
         Ok(())
     }
 
-    async fn nack(&mut self, _delivery: &Delivery) -> Result<()> {
+    async fn nack(&mut self, _tag: u64) -> Result<()> {
         Ok(())
     }
 }

@@ -73,23 +73,65 @@ pub struct Delivery {
     pub message: Message,
     /// Whether the broker says it delivered this message before.
     pub redelivered: bool,
-    /// Broker-specific handle used by `ack`/`nack`.
+    /// Broker-specific handle for [`Subscriber::ack`] and [`Subscriber::nack`].
     pub tag: u64,
 }
 
-/// A stream of deliveries for one subscription.
+/// A delivery whose message could not be decoded. The consumer parks it (with the raw body and
+/// the reason) and acknowledges it, so one bad message cannot block the subscription.
+#[derive(Debug, Clone)]
+pub struct Undecodable {
+    /// Broker-specific handle for [`Subscriber::ack`].
+    pub tag: u64,
+    /// What was wrong with it.
+    pub reason: String,
+    /// The raw body.
+    pub body: Vec<u8>,
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone)]
+pub enum Received {
+    /// A decoded message.
+    Message(Delivery),
+    /// Something that is not a herald message.
+    Undecodable(Undecodable),
+}
+
+impl Received {
+    /// The tag to acknowledge.
+    pub fn tag(&self) -> u64 {
+        match self {
+            Received::Message(d) => d.tag,
+            Received::Undecodable(u) => u.tag,
+        }
+    }
+
+    /// The decoded message, if it is one (panics otherwise; for tests).
+    pub fn expect_message(self) -> Delivery {
+        match self {
+            Received::Message(d) => d,
+            Received::Undecodable(u) => panic!(
+                "expected a message, got an undecodable delivery: {}",
+                u.reason
+            ),
+        }
+    }
+}
+
+/// A stream of deliveries for one subscription. Deliveries are handed out in the order the
+/// broker keeps them; a subscriber is used by one task at a time.
 #[async_trait]
 pub trait Subscriber: Send {
-    /// Waits for the next delivery. A message that cannot be decoded is returned as
-    /// [`Error::Decode`] after it has been taken off the queue, so one bad message cannot block
-    /// the subscription.
-    async fn next(&mut self) -> Result<Delivery>;
+    /// Waits for the next delivery.
+    async fn next(&mut self) -> Result<Received>;
 
-    /// Acknowledges a delivery: the broker will not deliver it to this service again.
-    async fn ack(&mut self, delivery: &Delivery) -> Result<()>;
+    /// Acknowledges a delivery: the broker will not deliver it to this service again. Call it
+    /// only after the delivery's effects are committed.
+    async fn ack(&mut self, tag: u64) -> Result<()>;
 
     /// Gives a delivery back for redelivery.
-    async fn nack(&mut self, delivery: &Delivery) -> Result<()>;
+    async fn nack(&mut self, tag: u64) -> Result<()>;
 }
 
 /// Helper for transports: a transient error for every message of a batch.

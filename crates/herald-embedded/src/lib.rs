@@ -6,8 +6,12 @@
 //! queue that must have an owner: a service registers as owner by subscribing, and a command sent
 //! to a queue nobody owns is rejected instead of silently dropped.
 //!
-//! Each service reads a destination through one subscriber at a time; competing consumers and
-//! visibility timeouts belong to a later version.
+//! Every consumer group (a service, or a command queue's owner) keeps a committed offset below
+//! which everything is acknowledged, and a table of deliveries in flight above it. Instances of
+//! one service compete: each delivery goes to one of them and becomes visible again if it is not
+//! acknowledged within the visibility timeout (30 s by default). A message delivered more than
+//! `max_deliveries` times (10 by default) without an acknowledgement is moved to the broker's
+//! dead-letter table. A group can be rewound to replay the log from a sequence or a time.
 //!
 //! ```no_run
 //! # async fn example() -> herald_core::Result<()> {
@@ -16,7 +20,7 @@
 //! let mut sub = broker.subscribe(&Subscription::events("orders", "email-service")).await?;
 //! broker.publish(&[Message::event("orders", "OrderPlaced", b"{}".to_vec())]).await;
 //! let delivery = sub.next().await?;
-//! sub.ack(&delivery).await?;
+//! sub.ack(delivery.tag()).await?;
 //! # Ok(()) }
 //! ```
 
@@ -26,7 +30,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_core::message::{from_micros, to_micros};
 use herald_core::store::RawRow;
-use herald_core::{Delivery, Error, Kind, Message, Result, Subscriber, Subscription, Transport};
+use herald_core::{
+    Delivery, Error, Kind, Message, Received, Result, Subscriber, Subscription, Transport,
+    Undecodable,
+};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -49,6 +56,30 @@ fn db(context: &str, e: sqlx::Error) -> Error {
 pub struct EmbeddedTransport {
     pool: SqlitePool,
     location: String,
+    visibility_timeout: Duration,
+    max_deliveries: u32,
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// From this log sequence number on (1 is the first message).
+    Seq(i64),
+    /// From the first message published at or after this time.
+    Time(std::time::SystemTime),
+}
+
+/// A consumer group's position, for `herald status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLag {
+    /// The group: a service name, or `queue:<name>` for a command queue's owner.
+    pub group: String,
+    /// The topic or queue.
+    pub destination: String,
+    /// Messages after the group's committed offset.
+    pub lag: u64,
+    /// Messages the broker parked after too many unacknowledged deliveries.
+    pub dead: u64,
 }
 
 impl EmbeddedTransport {
@@ -76,7 +107,88 @@ impl EmbeddedTransport {
                 .await
                 .map_err(|e| db("creating the broker tables", e))?;
         }
-        Ok(EmbeddedTransport { pool, location })
+        Ok(EmbeddedTransport {
+            pool,
+            location,
+            visibility_timeout: Duration::from_secs(30),
+            max_deliveries: 10,
+        })
+    }
+
+    /// How long a delivery stays invisible to other consumers of its group before it is delivered
+    /// again if not acknowledged. Default 30 s.
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> EmbeddedTransport {
+        self.visibility_timeout = timeout;
+        self
+    }
+
+    /// Deliveries without acknowledgement after which a message is parked. Default 10.
+    pub fn with_max_deliveries(mut self, n: u32) -> EmbeddedTransport {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Rewinds `group` on `destination`: everything from `from` on is delivered again. Deliveries
+    /// in flight are forgotten. The consumer's inbox keeps already-applied effects from being
+    /// applied twice.
+    pub async fn replay(&self, group: &str, destination: &str, from: ReplayFrom) -> Result<i64> {
+        let first: i64 = match from {
+            ReplayFrom::Seq(n) => n.max(1),
+            ReplayFrom::Time(t) => sqlx::query_scalar(
+                "SELECT COALESCE(MIN(seq), (SELECT COALESCE(MAX(seq), 0) + 1 FROM herald_log)) FROM herald_log \
+                 WHERE destination = ?1 AND published_at >= ?2",
+            )
+            .bind(destination)
+            .bind(to_micros(t))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db("finding the replay's start", e))?,
+        };
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db("starting a replay", e))?;
+        sqlx::query("DELETE FROM herald_inflight WHERE grp = ?1 AND destination = ?2")
+            .bind(group)
+            .bind(destination)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db("rewinding a group", e))?;
+        sqlx::query(
+            "INSERT INTO herald_group_offset (grp, destination, acked, handed) VALUES (?1, ?2, ?3, ?3) \
+             ON CONFLICT (grp, destination) DO UPDATE SET acked = ?3, handed = ?3",
+        )
+        .bind(group)
+        .bind(destination)
+        .bind(first - 1)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db("rewinding a group", e))?;
+        tx.commit().await.map_err(|e| db("rewinding a group", e))?;
+        Ok(first)
+    }
+
+    /// Every consumer group with its lag and parked messages.
+    pub async fn groups(&self) -> Result<Vec<GroupLag>> {
+        let rows = sqlx::query(
+            "SELECT g.grp, g.destination, \
+               (SELECT COUNT(*) FROM herald_log l WHERE l.destination = g.destination AND l.seq > g.acked) AS lag, \
+               (SELECT COUNT(*) FROM herald_dead d WHERE d.grp = g.grp AND d.destination = g.destination) AS dead \
+             FROM herald_group_offset g ORDER BY g.grp, g.destination",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db("reading consumer groups", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| GroupLag {
+                group: r.get(0),
+                destination: r.get(1),
+                lag: r.get::<i64, _>(2) as u64,
+                dead: r.get::<i64, _>(3) as u64,
+            })
+            .collect())
     }
 
     /// Number of messages in the log for `destination`.
@@ -191,22 +303,24 @@ impl Transport for EmbeddedTransport {
                 format!("queue:{}", subscription.destination)
             }
         };
-        let acked: i64 = sqlx::query_scalar(
-            "SELECT COALESCE((SELECT acked FROM herald_group_offset WHERE grp = ?1 AND destination = ?2), 0)",
+        // A new group starts at the beginning of the log: a service that subscribes late still
+        // gets every event that is kept.
+        sqlx::query(
+            "INSERT INTO herald_group_offset (grp, destination, acked, handed) VALUES (?1, ?2, 0, 0) ON CONFLICT DO NOTHING",
         )
         .bind(&group)
         .bind(&subscription.destination)
-        .fetch_one(&self.pool)
+        .execute(&self.pool)
         .await
-        .map_err(|e| db("reading the group's offset", e))?;
+        .map_err(|e| db("creating the consumer group", e))?;
         Ok(Box::new(EmbeddedSubscriber {
             pool: self.pool.clone(),
             group,
             destination: subscription.destination.clone(),
-            cursor: acked,
-            acked,
             buffer: std::collections::VecDeque::new(),
-            prefetch: subscription.prefetch.max(1),
+            batch: subscription.prefetch.clamp(1, 16),
+            visibility: self.visibility_timeout,
+            max_deliveries: self.max_deliveries,
             idle: Duration::from_millis(1),
         }))
     }
@@ -224,30 +338,122 @@ struct EmbeddedSubscriber {
     pool: SqlitePool,
     group: String,
     destination: String,
-    /// Highest sequence handed out.
-    cursor: i64,
-    /// Highest sequence acknowledged (committed offset).
-    acked: i64,
-    buffer: std::collections::VecDeque<Delivery>,
-    prefetch: u16,
+    buffer: std::collections::VecDeque<Received>,
+    batch: u16,
+    visibility: Duration,
+    max_deliveries: u32,
     idle: Duration,
 }
 
 impl EmbeddedSubscriber {
+    /// Takes up to `batch` deliveries for this group: first those whose visibility timeout passed
+    /// (redeliveries), then new ones from the log. One `BEGIN IMMEDIATE` transaction, so two
+    /// competing subscribers never take the same delivery.
     async fn fill(&mut self) -> Result<()> {
-        let rows = sqlx::query(
-            "SELECT seq, message_id, kind, message_type, source, destination, ordering_key, headers, content_type, \
-             payload, created_at FROM herald_log WHERE destination = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        let now = to_micros(std::time::SystemTime::now());
+        let visible_at = now + self.visibility.as_micros() as i64;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db("taking deliveries", e))?;
+        let expired = sqlx::query(
+            "SELECT seq, deliveries FROM herald_inflight WHERE grp = ?1 AND destination = ?2 AND acked = 0 \
+             AND visible_at <= ?3 ORDER BY seq LIMIT ?4",
         )
+        .bind(&self.group)
         .bind(&self.destination)
-        .bind(self.cursor)
-        .bind(i64::from(self.prefetch))
-        .fetch_all(&self.pool)
+        .bind(now)
+        .bind(i64::from(self.batch))
+        .fetch_all(&mut *tx)
         .await
-        .map_err(|e| db("reading the log", e))?;
-        for r in rows {
-            let seq: i64 = r.get("seq");
-            self.cursor = seq;
+        .map_err(|e| db("looking for expired deliveries", e))?;
+        let mut taken: Vec<(i64, bool)> = Vec::new();
+        for r in &expired {
+            let (seq, deliveries): (i64, i64) = (r.get(0), r.get(1));
+            if deliveries >= i64::from(self.max_deliveries) {
+                // Delivered over and over and never acknowledged: its consumers crash on it.
+                sqlx::query(
+                    "INSERT OR IGNORE INTO herald_dead (grp, destination, seq, deliveries, reason, dead_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .bind(&self.group)
+                .bind(&self.destination)
+                .bind(seq)
+                .bind(deliveries)
+                .bind(format!("delivered {deliveries} times without an acknowledgement"))
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db("parking a message", e))?;
+                sqlx::query("UPDATE herald_inflight SET acked = 1 WHERE grp = ?1 AND destination = ?2 AND seq = ?3")
+                    .bind(&self.group)
+                    .bind(&self.destination)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db("parking a message", e))?;
+                continue;
+            }
+            sqlx::query(
+                "UPDATE herald_inflight SET visible_at = ?4, deliveries = deliveries + 1 \
+                 WHERE grp = ?1 AND destination = ?2 AND seq = ?3",
+            )
+            .bind(&self.group)
+            .bind(&self.destination)
+            .bind(seq)
+            .bind(visible_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db("redelivering", e))?;
+            taken.push((seq, true));
+        }
+        let room = i64::from(self.batch) - taken.len() as i64;
+        if room > 0 {
+            let fresh: Vec<i64> = sqlx::query_scalar(
+                "SELECT seq FROM herald_log WHERE destination = ?1 AND seq > \
+                 (SELECT handed FROM herald_group_offset WHERE grp = ?2 AND destination = ?1) ORDER BY seq LIMIT ?3",
+            )
+            .bind(&self.destination)
+            .bind(&self.group)
+            .bind(room)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db("reading the log", e))?;
+            for seq in &fresh {
+                sqlx::query(
+                    "INSERT INTO herald_inflight (grp, destination, seq, visible_at, deliveries) VALUES (?1, ?2, ?3, ?4, 1)",
+                )
+                .bind(&self.group)
+                .bind(&self.destination)
+                .bind(seq)
+                .bind(visible_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| db("recording a delivery", e))?;
+                taken.push((*seq, false));
+            }
+            if let Some(last) = fresh.last() {
+                sqlx::query("UPDATE herald_group_offset SET handed = ?3 WHERE grp = ?1 AND destination = ?2")
+                    .bind(&self.group)
+                    .bind(&self.destination)
+                    .bind(last)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db("recording a delivery", e))?;
+            }
+        }
+        tx.commit().await.map_err(|e| db("taking deliveries", e))?;
+        taken.sort_by_key(|(seq, _)| *seq);
+        for (seq, redelivered) in taken {
+            let r = sqlx::query(
+                "SELECT message_id, kind, message_type, source, destination, ordering_key, headers, content_type, \
+                 payload, created_at FROM herald_log WHERE seq = ?1",
+            )
+            .bind(seq)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db("reading the log", e))?;
             let raw = RawRow {
                 seq,
                 message_id: r.get("message_id"),
@@ -262,14 +468,18 @@ impl EmbeddedSubscriber {
                 created_at_micros: r.get("created_at"),
                 attempts: 0,
             };
-            let message = raw
-                .decode()
-                .map_err(|reason| Error::Decode { reason })?
-                .message;
-            self.buffer.push_back(Delivery {
-                redelivered: false,
-                tag: seq as u64,
-                message,
+            let body = raw.payload.clone();
+            self.buffer.push_back(match raw.decode() {
+                Ok(row) => Received::Message(Delivery {
+                    message: row.message,
+                    redelivered,
+                    tag: seq as u64,
+                }),
+                Err(reason) => Received::Undecodable(Undecodable {
+                    tag: seq as u64,
+                    reason,
+                    body,
+                }),
             });
         }
         Ok(())
@@ -278,7 +488,7 @@ impl EmbeddedSubscriber {
 
 #[async_trait]
 impl Subscriber for EmbeddedSubscriber {
-    async fn next(&mut self) -> Result<Delivery> {
+    async fn next(&mut self) -> Result<Received> {
         loop {
             if let Some(d) = self.buffer.pop_front() {
                 self.idle = Duration::from_millis(1);
@@ -292,29 +502,55 @@ impl Subscriber for EmbeddedSubscriber {
         }
     }
 
-    async fn ack(&mut self, delivery: &Delivery) -> Result<()> {
-        let seq = delivery.tag as i64;
-        if seq <= self.acked {
-            return Ok(());
-        }
+    async fn ack(&mut self, tag: u64) -> Result<()> {
+        // Mark the delivery done, then move the group's committed offset up over every
+        // contiguous acknowledged delivery.
+        let seq = tag as i64;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db("acknowledging", e))?;
         sqlx::query(
-            "INSERT INTO herald_group_offset (grp, destination, acked) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (grp, destination) DO UPDATE SET acked = MAX(acked, excluded.acked)",
+            "UPDATE herald_inflight SET acked = 1 WHERE grp = ?1 AND destination = ?2 AND seq = ?3",
         )
         .bind(&self.group)
         .bind(&self.destination)
         .bind(seq)
-        .execute(&self.pool)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db("acknowledging", e))?;
+        sqlx::query(
+            "UPDATE herald_group_offset SET acked = COALESCE( \
+               (SELECT MIN(seq) - 1 FROM herald_inflight WHERE grp = ?1 AND destination = ?2 AND acked = 0), handed) \
+             WHERE grp = ?1 AND destination = ?2",
+        )
+        .bind(&self.group)
+        .bind(&self.destination)
+        .execute(&mut *tx)
         .await
         .map_err(|e| db("committing the group's offset", e))?;
-        self.acked = seq;
-        Ok(())
+        sqlx::query(
+            "DELETE FROM herald_inflight WHERE grp = ?1 AND destination = ?2 AND acked = 1 AND seq <= \
+             (SELECT acked FROM herald_group_offset WHERE grp = ?1 AND destination = ?2)",
+        )
+        .bind(&self.group)
+        .bind(&self.destination)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db("committing the group's offset", e))?;
+        tx.commit().await.map_err(|e| db("acknowledging", e))
     }
 
-    async fn nack(&mut self, delivery: &Delivery) -> Result<()> {
-        // Rewind so this delivery and everything after it come again, in order.
-        self.cursor = (delivery.tag as i64 - 1).max(self.acked);
-        self.buffer.clear();
+    async fn nack(&mut self, tag: u64) -> Result<()> {
+        // Visible again at once, to this subscriber or a competing one.
+        sqlx::query("UPDATE herald_inflight SET visible_at = 0 WHERE grp = ?1 AND destination = ?2 AND seq = ?3")
+            .bind(&self.group)
+            .bind(&self.destination)
+            .bind(tag as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db("giving a delivery back", e))?;
         Ok(())
     }
 }

@@ -13,11 +13,31 @@ CREATE TABLE IF NOT EXISTS herald_log (
     published_at  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS herald_log_destination_idx ON herald_log (destination, seq);
+CREATE INDEX IF NOT EXISTS herald_log_published_idx ON herald_log (destination, published_at);
 CREATE TABLE IF NOT EXISTS herald_group_offset (
     grp           TEXT    NOT NULL,
     destination   TEXT    NOT NULL,
     acked         INTEGER NOT NULL,
+    handed        INTEGER NOT NULL,
     PRIMARY KEY (grp, destination)
+);
+CREATE TABLE IF NOT EXISTS herald_inflight (
+    grp           TEXT    NOT NULL,
+    destination   TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    visible_at    INTEGER NOT NULL,
+    deliveries    INTEGER NOT NULL,
+    acked         INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (grp, destination, seq)
+);
+CREATE TABLE IF NOT EXISTS herald_dead (
+    grp           TEXT    NOT NULL,
+    destination   TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    deliveries    INTEGER NOT NULL,
+    reason        TEXT    NOT NULL,
+    dead_at       INTEGER NOT NULL,
+    PRIMARY KEY (grp, destination, seq)
 );
 CREATE TABLE IF NOT EXISTS herald_queue_owner (
     queue         TEXT    PRIMARY KEY,

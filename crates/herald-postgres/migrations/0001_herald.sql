@@ -45,3 +45,33 @@ CREATE TABLE IF NOT EXISTS herald_outbox_inbox (
     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, message_id)
 );
+
+CREATE INDEX IF NOT EXISTS herald_outbox_inbox_processed_idx ON herald_outbox_inbox (processed_at);
+
+-- Last applied version per consumer and key, for consumers that skip stale versions.
+CREATE TABLE IF NOT EXISTS herald_outbox_inbox_version (
+    consumer      TEXT        NOT NULL,
+    ordering_key  TEXT        NOT NULL,
+    version       BIGINT      NOT NULL,
+    PRIMARY KEY (consumer, ordering_key)
+);
+
+-- Messages a consumer could not apply (handler kept failing, or undecodable: message_id NULL).
+CREATE TABLE IF NOT EXISTS herald_outbox_consumer_dead_letter (
+    id               BIGSERIAL   PRIMARY KEY,
+    consumer         TEXT        NOT NULL,
+    message_id       UUID,
+    kind             TEXT        NOT NULL DEFAULT 'event',
+    message_type     TEXT        NOT NULL DEFAULT '',
+    source           TEXT        NOT NULL DEFAULT '',
+    destination      TEXT        NOT NULL,
+    ordering_key     TEXT,
+    headers          JSONB       NOT NULL DEFAULT '{}',
+    content_type     TEXT        NOT NULL DEFAULT '',
+    payload          BYTEA       NOT NULL,
+    created_at       TIMESTAMPTZ,
+    attempts         INTEGER     NOT NULL,
+    reason           TEXT        NOT NULL,
+    replay_requested BOOLEAN     NOT NULL DEFAULT false,
+    dead_lettered_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);

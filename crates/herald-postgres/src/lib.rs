@@ -16,12 +16,14 @@
 //! # Ok(()) }
 //! ```
 
+mod consumer;
 mod error;
 mod inbox;
 mod migrate;
 mod outbox;
 mod writer;
 
+pub use consumer::{PgApplier, PgHandler};
 pub use inbox::PgInbox;
 pub use migrate::{MIGRATION, migrate};
 pub use outbox::PgOutbox;

@@ -6,7 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use herald_core::{
-    Delivery, Error, Kind, Message, Result, SecretUrl, Subscriber, Subscription, Transport,
+    Delivery, Error, Kind, Message, Received, Result, SecretUrl, Subscriber, Subscription,
+    Transport, Undecodable,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -339,47 +340,42 @@ struct RabbitSubscriber {
 
 #[async_trait]
 impl Subscriber for RabbitSubscriber {
-    async fn next(&mut self) -> Result<Delivery> {
+    async fn next(&mut self) -> Result<Received> {
         let delivery = match self.consumer.next().await {
             Some(Ok(d)) => d,
             Some(Err(e)) => return Err(lapin_err("consuming", e)),
             None => return Err(Error::unavailable("RabbitMQ", "the consumer was cancelled")),
         };
-        match crate::wire::decode(&self.destination, &delivery.properties, delivery.data) {
-            Ok(message) => Ok(Delivery {
-                message,
-                redelivered: delivery.redelivered,
-                tag: delivery.delivery_tag,
-            }),
-            Err(e) => {
-                // Undecodable: take it off the queue (to the queue's dead-letter exchange, if one
-                // is configured) so it cannot block the subscription.
-                let _ = self
-                    .channel
-                    .basic_nack(
-                        delivery.delivery_tag,
-                        BasicNackOptions {
-                            requeue: false,
-                            ..BasicNackOptions::default()
-                        },
-                    )
-                    .await;
-                Err(e)
-            }
-        }
+        let tag = delivery.delivery_tag;
+        let redelivered = delivery.redelivered;
+        let body = delivery.data.clone();
+        Ok(
+            match crate::wire::decode(&self.destination, &delivery.properties, delivery.data) {
+                Ok(message) => Received::Message(Delivery {
+                    message,
+                    redelivered,
+                    tag,
+                }),
+                Err(e) => Received::Undecodable(Undecodable {
+                    tag,
+                    reason: e.to_string(),
+                    body,
+                }),
+            },
+        )
     }
 
-    async fn ack(&mut self, delivery: &Delivery) -> Result<()> {
+    async fn ack(&mut self, tag: u64) -> Result<()> {
         self.channel
-            .basic_ack(delivery.tag, BasicAckOptions::default())
+            .basic_ack(tag, BasicAckOptions::default())
             .await
             .map_err(|e| lapin_err("acknowledging", e))
     }
 
-    async fn nack(&mut self, delivery: &Delivery) -> Result<()> {
+    async fn nack(&mut self, tag: u64) -> Result<()> {
         self.channel
             .basic_nack(
-                delivery.tag,
+                tag,
                 BasicNackOptions {
                     requeue: true,
                     ..BasicNackOptions::default()

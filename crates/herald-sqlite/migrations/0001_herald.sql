@@ -46,3 +46,33 @@ CREATE TABLE IF NOT EXISTS herald_outbox_inbox (
     processed_at  INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)),
     PRIMARY KEY (consumer, message_id)
 );
+
+CREATE INDEX IF NOT EXISTS herald_outbox_inbox_processed_idx ON herald_outbox_inbox (processed_at);
+
+-- Last applied version per consumer and key, for consumers that skip stale versions.
+CREATE TABLE IF NOT EXISTS herald_outbox_inbox_version (
+    consumer      TEXT    NOT NULL,
+    ordering_key  TEXT    NOT NULL,
+    version       INTEGER NOT NULL,
+    PRIMARY KEY (consumer, ordering_key)
+);
+
+-- Messages a consumer could not apply (handler kept failing, or undecodable: message_id NULL).
+CREATE TABLE IF NOT EXISTS herald_outbox_consumer_dead_letter (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    consumer         TEXT    NOT NULL,
+    message_id       TEXT,
+    kind             TEXT    NOT NULL DEFAULT 'event',
+    message_type     TEXT    NOT NULL DEFAULT '',
+    source           TEXT    NOT NULL DEFAULT '',
+    destination      TEXT    NOT NULL,
+    ordering_key     TEXT,
+    headers          TEXT    NOT NULL DEFAULT '{}',
+    content_type     TEXT    NOT NULL DEFAULT '',
+    payload          BLOB    NOT NULL,
+    created_at       INTEGER,
+    attempts         INTEGER NOT NULL,
+    reason           TEXT    NOT NULL,
+    replay_requested INTEGER NOT NULL DEFAULT 0,
+    dead_lettered_at INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER))
+);

@@ -17,6 +17,7 @@
 //! ```
 
 mod connect;
+mod consumer;
 mod error;
 mod inbox;
 mod migrate;
@@ -24,6 +25,7 @@ mod outbox;
 mod writer;
 
 pub use connect::{connect, connect_options};
+pub use consumer::{SqliteApplier, SqliteHandler};
 pub use inbox::SqliteInbox;
 pub use migrate::{MIGRATION, migrate};
 pub use outbox::SqliteOutbox;

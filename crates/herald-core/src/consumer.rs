@@ -1,0 +1,358 @@
+//! The consumer runtime: each delivery is applied in one database transaction together with its
+//! inbox record, and acknowledged to the broker only after that transaction committed.
+//!
+//! * A duplicate (the inbox already holds its id) is acknowledged without running the handler.
+//! * A handler that fails is retried with growing delays, up to `max_attempts`; then the message is
+//!   parked in the consumer dead-letter table with the reason and the attempt count, and
+//!   acknowledged. Messages behind it wait meanwhile, so order within the subscription holds.
+//! * A database outage is retried forever (nothing is dead-lettered for it).
+//! * A delivery that cannot be decoded is parked with its raw body and the decode error.
+//! * Dead letters marked for replay (`herald dlq replay`) are applied again by the consumer of the
+//!   service that parked them, through the same inbox.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::transport::{Delivery, Received, Subscriber, Subscription, Transport};
+
+/// What applying one message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The handler ran and its effects committed with the inbox record.
+    Done,
+    /// The inbox already held this message id: nothing ran.
+    Duplicate,
+    /// The message carried a version not newer than the last applied one for its key: skipped
+    /// (and recorded in the inbox).
+    Stale,
+}
+
+/// A consumer dead letter that an operator asked to replay.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The dead letter's id.
+    pub id: i64,
+    /// The message to apply again.
+    pub message: Message,
+}
+
+/// The database side of a consumer: inbox, handler transaction, dead letters. Implemented per
+/// database (`PgApplier`, `SqliteApplier`), each wrapping the user's handler.
+#[async_trait]
+pub trait Apply: Send + Sync + 'static {
+    /// In one transaction: record `message.id` for `consumer` in the inbox (a duplicate ends here),
+    /// check the version if configured, run the handler, delete dead letter `replay_of` if given,
+    /// commit. A handler failure rolls everything back and returns [`Error::Handler`].
+    async fn apply(
+        &self,
+        consumer: &str,
+        message: &Message,
+        replay_of: Option<i64>,
+    ) -> Result<Applied>;
+
+    /// Parks `message` for `consumer` with `reason` after `attempts` failed attempts.
+    async fn dead_letter(
+        &self,
+        consumer: &str,
+        message: &Message,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<()>;
+
+    /// Parks a delivery that could not be decoded.
+    async fn dead_letter_undecodable(
+        &self,
+        consumer: &str,
+        destination: &str,
+        body: &[u8],
+        reason: &str,
+    ) -> Result<()>;
+
+    /// Up to `max` dead letters of `consumer` marked for replay.
+    async fn replays(&self, consumer: &str, max: usize) -> Result<Vec<Replay>>;
+
+    /// Records that replaying dead letter `id` failed again (it stays parked, unmarked).
+    async fn replay_failed(&self, id: i64, reason: &str) -> Result<()>;
+
+    /// Deletes inbox rows older than `retention`, at most `batch` of them. Returns how many.
+    async fn purge_inbox(&self, retention: Duration, batch: usize) -> Result<u64>;
+}
+
+/// Consumer settings; defaults on each field.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Handler attempts before a message is dead-lettered. Default 5.
+    pub max_attempts: u32,
+    /// First delay between handler attempts. Default 100 ms.
+    pub retry_initial: Duration,
+    /// Longest delay between handler attempts. Default 5 s.
+    pub retry_max: Duration,
+    /// How long inbox rows are kept: the deduplication window. It must exceed the longest time a
+    /// broker may redeliver a message (and any replay you may run). Default 7 days.
+    pub inbox_retention: Duration,
+    /// How often dead letters marked for replay and expired inbox rows are looked for. Default 1 s.
+    pub housekeeping_every: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            max_attempts: 5,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            housekeeping_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Totals since the consumer started.
+#[derive(Debug, Default)]
+pub struct ConsumerCounters {
+    /// Messages whose handler ran and committed.
+    pub applied: AtomicU64,
+    /// Duplicates skipped by the inbox.
+    pub duplicates: AtomicU64,
+    /// Stale versions skipped.
+    pub stale: AtomicU64,
+    /// Failed handler attempts.
+    pub failures: AtomicU64,
+    /// Messages parked in the dead-letter table.
+    pub dead_lettered: AtomicU64,
+    /// Dead letters replayed successfully.
+    pub replayed: AtomicU64,
+}
+
+/// Runs one service's subscription through an [`Apply`].
+#[derive(Clone)]
+pub struct Consumer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Arc<dyn Transport>,
+    apply: Arc<dyn Apply>,
+    subscription: Subscription,
+    config: ConsumerConfig,
+    counters: ConsumerCounters,
+}
+
+impl Consumer {
+    /// A consumer of `subscription` (its `service` names the inbox's consumer).
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        apply: Arc<dyn Apply>,
+        subscription: Subscription,
+        config: ConsumerConfig,
+    ) -> Result<Consumer> {
+        if config.max_attempts == 0 {
+            return Err(Error::config("consumer max attempts must be at least 1"));
+        }
+        if subscription.service.is_empty() {
+            return Err(Error::config(
+                "a subscription needs a service name (its consumer group)",
+            ));
+        }
+        Ok(Consumer {
+            inner: Arc::new(Inner {
+                transport,
+                apply,
+                subscription,
+                config,
+                counters: ConsumerCounters::default(),
+            }),
+        })
+    }
+
+    /// Totals since start.
+    pub fn counters(&self) -> &ConsumerCounters {
+        &self.inner.counters
+    }
+
+    /// Opens the subscription.
+    pub async fn subscribe(&self) -> Result<Box<dyn Subscriber>> {
+        self.inner
+            .transport
+            .subscribe(&self.inner.subscription)
+            .await
+    }
+
+    /// Handles one received item completely: applies (with retries) or parks it, then acks.
+    pub async fn handle(
+        &self,
+        sub: &mut dyn Subscriber,
+        received: Received,
+    ) -> Result<Option<Applied>> {
+        let service = &self.inner.subscription.service;
+        match received {
+            Received::Undecodable(u) => {
+                warn!(service, reason = %u.reason, "undecodable delivery; parking it");
+                self.retry_transient(|| {
+                    self.inner.apply.dead_letter_undecodable(
+                        service,
+                        &self.inner.subscription.destination,
+                        &u.body,
+                        &u.reason,
+                    )
+                })
+                .await?;
+                self.inner
+                    .counters
+                    .dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
+                sub.ack(u.tag).await?;
+                Ok(None)
+            }
+            Received::Message(d) => {
+                let outcome = self.apply_with_retries(&d).await?;
+                sub.ack(d.tag).await?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    async fn apply_with_retries(&self, d: &Delivery) -> Result<Option<Applied>> {
+        let cfg = &self.inner.config;
+        let service = &self.inner.subscription.service;
+        let mut retry = Backoff::new(cfg.retry_initial, cfg.retry_max);
+        let mut outage = Backoff::new(cfg.retry_initial, cfg.retry_max);
+        let mut attempts = 0;
+        loop {
+            match self.inner.apply.apply(service, &d.message, None).await {
+                Ok(outcome) => {
+                    let counter = match outcome {
+                        Applied::Done => &self.inner.counters.applied,
+                        Applied::Duplicate => &self.inner.counters.duplicates,
+                        Applied::Stale => &self.inner.counters.stale,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some(outcome));
+                }
+                Err(e) if e.is_transient() => {
+                    let delay = outage.next_delay();
+                    warn!(service, error = %e.chain(), ?delay, "database unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    attempts += 1;
+                    self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    let reason = e.chain();
+                    if attempts >= cfg.max_attempts {
+                        warn!(service, id = %d.message.id, attempts, %reason, "handler keeps failing; dead-lettering");
+                        self.retry_transient(|| {
+                            self.inner
+                                .apply
+                                .dead_letter(service, &d.message, &reason, attempts)
+                        })
+                        .await?;
+                        self.inner
+                            .counters
+                            .dead_lettered
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                    let delay = retry.next_delay();
+                    warn!(service, id = %d.message.id, attempts, %reason, ?delay, "handler failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn retry_transient<'a, F, Fut>(&'a self, f: F) -> Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<()>> + 'a,
+    {
+        let cfg = &self.inner.config;
+        let mut outage = Backoff::new(cfg.retry_initial, cfg.retry_max);
+        loop {
+            match f().await {
+                Err(e) if e.is_transient() => tokio::time::sleep(outage.next_delay()).await,
+                other => return other,
+            }
+        }
+    }
+
+    /// Applies the dead letters marked for replay, once each. Returns how many succeeded.
+    pub async fn replay_marked(&self) -> Result<usize> {
+        let service = &self.inner.subscription.service;
+        let mut done = 0;
+        for r in self.inner.apply.replays(service, 100).await? {
+            match self
+                .inner
+                .apply
+                .apply(service, &r.message, Some(r.id))
+                .await
+            {
+                Ok(_) => {
+                    done += 1;
+                    self.inner.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    warn!(service, id = r.id, error = %e.chain(), "replayed dead letter failed again; it stays parked");
+                    self.inner.apply.replay_failed(r.id, &e.chain()).await?;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Consumes until `shutdown` completes. The item being handled is finished (committed and
+    /// acknowledged) before returning. Also replays marked dead letters and purges the inbox.
+    pub async fn run<F>(&self, shutdown: F) -> Result<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (stop_tx, mut stop) = watch::channel(false);
+        let signal = tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut sub = self.subscribe().await?;
+        let cfg = &self.inner.config;
+        let mut housekeeping = tokio::time::interval(cfg.housekeeping_every);
+        info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break Ok(()),
+                _ = housekeeping.tick() => {
+                    if let Err(e) = self.replay_marked().await {
+                        warn!(error = %e.chain(), "replaying dead letters failed; will retry");
+                    }
+                    if let Err(e) = self.inner.apply.purge_inbox(cfg.inbox_retention, 1000).await {
+                        warn!(error = %e.chain(), "purging the inbox failed; will retry");
+                    }
+                }
+                received = sub.next() => match received {
+                    Ok(r) => {
+                        if let Err(e) = self.handle(sub.as_mut(), r).await {
+                            break Err(e);
+                        }
+                    }
+                    Err(e) if e.is_transient() => {
+                        warn!(error = %e.chain(), "subscription lost; resubscribing");
+                        tokio::time::sleep(cfg.retry_initial).await;
+                        match self.subscribe().await {
+                            Ok(s) => sub = s,
+                            Err(e) => warn!(error = %e.chain(), "resubscribing failed; will retry"),
+                        }
+                    }
+                    Err(e) => break Err(e),
+                },
+            }
+        };
+        signal.abort();
+        result
+    }
+}
