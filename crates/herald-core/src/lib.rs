@@ -33,4 +33,6 @@ pub use error::{BoxError, Error, Result};
 pub use message::{Kind, Message};
 pub use relay::{Failpoint, Relay, TickReport, Waker};
 pub use store::{Claim, DestinationStats, Lease, OutboxRow, OutboxStore, RejectionOutcome};
-pub use transport::{Delivery, Received, Subscriber, Subscription, Transport, Undecodable};
+pub use transport::{
+    Delivery, Received, ReplayFrom, Subscriber, Subscription, Transport, Undecodable,
+};

@@ -27,8 +27,35 @@ pub trait Transport: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Rewinds `subscription`'s consumer group so that everything from `from` on is delivered
+    /// again. Only log brokers can; the others answer [`Error::Config`]. The consumers' inbox
+    /// keeps already-applied effects from being applied twice.
+    async fn replay(&self, subscription: &Subscription, from: ReplayFrom) -> Result<()> {
+        let _ = (subscription, from);
+        Err(Error::config(format!(
+            "{} cannot replay: it does not keep consumed messages",
+            self.describe()
+        )))
+    }
+
+    /// How many messages `subscription`'s group has not acknowledged yet, where the broker can
+    /// tell (`None` where it cannot).
+    async fn lag(&self, subscription: &Subscription) -> Result<Option<u64>> {
+        let _ = subscription;
+        Ok(None)
+    }
+
     /// A short name for logs, e.g. `rabbitmq amqp://guest:***@127.0.0.1:5672/%2f`. No secrets.
     fn describe(&self) -> String;
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// From this sequence number of the log on (1 is the first message).
+    Seq(u64),
+    /// From the first message stored at or after this time.
+    Time(std::time::SystemTime),
 }
 
 /// What to consume.

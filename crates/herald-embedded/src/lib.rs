@@ -28,6 +28,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use herald_core::ReplayFrom;
 use herald_core::message::{from_micros, to_micros};
 use herald_core::store::RawRow;
 use herald_core::{
@@ -58,15 +59,6 @@ pub struct EmbeddedTransport {
     location: String,
     visibility_timeout: Duration,
     max_deliveries: u32,
-}
-
-/// Where a replay starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayFrom {
-    /// From this log sequence number on (1 is the first message).
-    Seq(i64),
-    /// From the first message published at or after this time.
-    Time(std::time::SystemTime),
 }
 
 /// A consumer group's position, for `herald status`.
@@ -133,7 +125,7 @@ impl EmbeddedTransport {
     /// applied twice.
     pub async fn replay(&self, group: &str, destination: &str, from: ReplayFrom) -> Result<i64> {
         let first: i64 = match from {
-            ReplayFrom::Seq(n) => n.max(1),
+            ReplayFrom::Seq(n) => (n as i64).max(1),
             ReplayFrom::Time(t) => sqlx::query_scalar(
                 "SELECT COALESCE(MIN(seq), (SELECT COALESCE(MAX(seq), 0) + 1 FROM herald_log)) FROM herald_log \
                  WHERE destination = ?1 AND published_at >= ?2",
@@ -198,20 +190,6 @@ impl EmbeddedTransport {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| db("counting the log", e))?;
-        Ok(n as u64)
-    }
-
-    /// How many messages of `destination` the group `service` has not acknowledged yet.
-    pub async fn lag(&self, destination: &str, service: &str) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM herald_log WHERE destination = ?1 AND seq > \
-             COALESCE((SELECT acked FROM herald_group_offset WHERE grp = ?2 AND destination = ?1), 0)",
-        )
-        .bind(destination)
-        .bind(service)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| db("reading a group's lag", e))?;
         Ok(n as u64)
     }
 
@@ -327,6 +305,31 @@ impl Transport for EmbeddedTransport {
 
     async fn durability_warnings(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    async fn replay(&self, subscription: &Subscription, from: ReplayFrom) -> Result<()> {
+        EmbeddedTransport::replay(
+            self,
+            &group_of(subscription),
+            &subscription.destination,
+            from,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn lag(&self, subscription: &Subscription) -> Result<Option<u64>> {
+        let group = group_of(subscription);
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM herald_log WHERE destination = ?1 AND seq > \
+             COALESCE((SELECT acked FROM herald_group_offset WHERE grp = ?2 AND destination = ?1), 0)",
+        )
+        .bind(&subscription.destination)
+        .bind(group)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db("reading a group's lag", e))?;
+        Ok(Some(n as u64))
     }
 
     fn describe(&self) -> String {
@@ -552,6 +555,15 @@ impl Subscriber for EmbeddedSubscriber {
             .await
             .map_err(|e| db("giving a delivery back", e))?;
         Ok(())
+    }
+}
+
+/// The consumer group of a subscription: the service for events, `queue:<name>` for commands
+/// (every instance of the owner shares it).
+fn group_of(s: &Subscription) -> String {
+    match s.kind {
+        Kind::Event => s.service.clone(),
+        Kind::Command => format!("queue:{}", s.destination),
     }
 }
 

@@ -157,11 +157,11 @@ impl<H: PgHandler> Apply for PgApplier<H> {
         } else {
             Applied::Done
         };
-        if outcome == Applied::Done {
-            if let Err(e) = self.handler.handle(&mut tx, message).await {
-                let _ = tx.rollback().await;
-                return Err(handler_error(e));
-            }
+        if outcome == Applied::Done
+            && let Err(e) = self.handler.handle(&mut tx, message).await
+        {
+            let _ = tx.rollback().await;
+            return Err(handler_error(e));
         }
         if outcome == Applied::Duplicate && replay_of.is_none() {
             let _ = tx.rollback().await;

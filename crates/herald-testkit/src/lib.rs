@@ -1,6 +1,7 @@
 //! herald-testkit: the history checker, fault-injecting wrappers and a TCP chaos proxy, used by
 //! herald's own tests, `herald demo`, and anyone testing their setup.
 
+pub mod consumer_suite;
 mod flaky;
 mod history;
 mod proxy;

@@ -1,0 +1,311 @@
+//! Publishing to and consuming from NATS JetStream.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use herald_core::{
+    Delivery, Error, Kind, Message, Received, ReplayFrom, Result, SecretUrl, Subscriber,
+    Subscription, Transport, Undecodable,
+};
+use tokio::sync::Mutex;
+use tracing::info;
+
+use crate::wire;
+
+/// The JetStream transport. Cheap to share; one NATS connection underneath, which async-nats
+/// reconnects by itself.
+pub struct NatsTransport {
+    url: SecretUrl,
+    js: jetstream::Context,
+    streams: Mutex<HashSet<String>>,
+    ack_wait: Duration,
+    max_deliver: i64,
+}
+
+fn nats_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::unavailable(format!("NATS ({what})"), e)
+}
+
+impl NatsTransport {
+    /// Connects to `url` (`nats://host:4222`, credentials in the URL if any).
+    pub async fn connect(url: SecretUrl) -> Result<NatsTransport> {
+        if !matches!(url.scheme(), "nats" | "tls") {
+            return Err(Error::config(format!(
+                "broker URL scheme {:?} is not nats:// or tls://",
+                url.scheme()
+            )));
+        }
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            async_nats::ConnectOptions::new()
+                .name("herald")
+                .retry_on_initial_connect()
+                .connect(url.expose()),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("connecting to NATS at {}", url.redacted()),
+            after: Duration::from_secs(10),
+        })?
+        .map_err(|e| nats_err(&url.redacted(), e))?;
+        info!(broker = %url, "connected to NATS");
+        Ok(NatsTransport {
+            url,
+            js: jetstream::new(client),
+            streams: Mutex::new(HashSet::new()),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+        })
+    }
+
+    /// How long a delivery may stay unacknowledged before JetStream delivers it again. Default 30 s.
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> NatsTransport {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    async fn ensure_stream(&self, kind: Kind, destination: &str) -> Result<stream::Stream> {
+        let name = wire::stream_name(kind, destination);
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![wire::subject(kind, destination)],
+            retention: match kind {
+                Kind::Event => stream::RetentionPolicy::Limits,
+                Kind::Command => stream::RetentionPolicy::WorkQueue,
+            },
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let s = self
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| nats_err("creating a stream", e))?;
+        self.streams.lock().await.insert(name);
+        Ok(s)
+    }
+
+    fn consumer_config(
+        &self,
+        s: &Subscription,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(wire::durable_name(&s.service)),
+            filter_subject: wire::subject(s.kind, &s.destination),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: i64::from(s.prefetch.max(1)),
+            max_deliver: self.max_deliver,
+            deliver_policy,
+            ..Default::default()
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
+        let mut pending = Vec::with_capacity(batch.len());
+        for m in batch {
+            if let Err(e) = wire::check_destination(&m.destination) {
+                pending.push(Err(e));
+                continue;
+            }
+            // Event streams are created on first use; command streams only by their owner.
+            if m.kind == Kind::Event
+                && !self
+                    .streams
+                    .lock()
+                    .await
+                    .contains(&wire::stream_name(m.kind, &m.destination))
+                && let Err(e) = self.ensure_stream(Kind::Event, &m.destination).await
+            {
+                pending.push(Err(e));
+                continue;
+            }
+            let sent = self
+                .js
+                .publish_with_headers(
+                    wire::subject(m.kind, &m.destination),
+                    wire::headers(m),
+                    m.payload.clone().into(),
+                )
+                .await;
+            pending.push(sent.map_err(|e| classify(m, e)));
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for (m, p) in batch.iter().zip(pending) {
+            results.push(match p {
+                Err(e) => Err(e),
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| classify(m, e)),
+            });
+        }
+        results
+    }
+
+    async fn subscribe(&self, s: &Subscription) -> Result<Box<dyn Subscriber>> {
+        wire::check_destination(&s.destination)?;
+        let stream = self.ensure_stream(s.kind, &s.destination).await?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &wire::durable_name(&s.service),
+                self.consumer_config(s, consumer::DeliverPolicy::All),
+            )
+            .await
+            .map_err(|e| nats_err("creating the durable consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| nats_err("starting to consume", e))?;
+        Ok(Box::new(NatsSubscriber {
+            kind: s.kind,
+            destination: s.destination.clone(),
+            messages,
+            unacked: HashMap::new(),
+        }))
+    }
+
+    async fn replay(&self, s: &Subscription, from: ReplayFrom) -> Result<()> {
+        // A durable consumer's position cannot be moved: delete it and create it again from the
+        // requested point. Its subscribers must reconnect (herald's consumer does by itself).
+        let stream = self.ensure_stream(s.kind, &s.destination).await?;
+        let name = wire::durable_name(&s.service);
+        let _ = stream.delete_consumer(&name).await;
+        let policy = match from {
+            ReplayFrom::Seq(n) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: n.max(1),
+            },
+            ReplayFrom::Time(t) => {
+                let secs = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as i128);
+                let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(secs)
+                    .map_err(|e| Error::config(format!("replay time out of range: {e}")))?;
+                consumer::DeliverPolicy::ByStartTime { start_time }
+            }
+        };
+        stream
+            .create_consumer(self.consumer_config(s, policy))
+            .await
+            .map_err(|e| nats_err("re-creating the durable consumer", e))?;
+        Ok(())
+    }
+
+    async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {
+        let mut stream = match self
+            .js
+            .get_stream(wire::stream_name(s.kind, &s.destination))
+            .await
+        {
+            Ok(stream) => stream,
+            Err(_) => return Ok(None),
+        };
+        let _ = stream.info().await;
+        match stream.consumer_info(wire::durable_name(&s.service)).await {
+            Ok(info) => Ok(Some(info.num_pending + info.num_ack_pending as u64)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn durability_warnings(&self) -> Result<Vec<String>> {
+        Ok(vec![
+            "NATS JetStream acknowledges a message once it is written, and by default fsyncs every 2 minutes: \
+             a power loss of the server can lose confirmed messages. herald cannot read the server's setting; \
+             set `jetstream { sync_interval: always }` (NATS 2.10+) where that matters."
+                .to_owned(),
+        ])
+    }
+
+    fn describe(&self) -> String {
+        format!("nats {}", self.url.redacted())
+    }
+}
+
+/// A missing stream (a command nobody owns) and an oversized message are about this message;
+/// everything else is an outage or an unknown outcome.
+fn classify(m: &Message, e: jetstream::context::PublishError) -> Error {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::StreamNotFound => Error::rejected(format!(
+            "no JetStream stream takes subject {:?}: {}",
+            wire::subject(m.kind, &m.destination),
+            if m.kind == Kind::Command {
+                "the command's owner has not subscribed yet"
+            } else {
+                "the stream is missing"
+            }
+        )),
+        K::MaxPayloadExceeded => {
+            Error::rejected(format!("message too large for the NATS server: {e}"))
+        }
+        _ => nats_err("publishing", e),
+    }
+}
+
+struct NatsSubscriber {
+    kind: Kind,
+    destination: String,
+    messages: consumer::pull::Stream,
+    unacked: HashMap<u64, jetstream::Message>,
+}
+
+#[async_trait]
+impl Subscriber for NatsSubscriber {
+    async fn next(&mut self) -> Result<Received> {
+        let msg = match self.messages.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(nats_err("consuming", e)),
+            None => return Err(Error::unavailable("NATS", "the consumer stream ended")),
+        };
+        let (tag, redelivered) = match msg.info() {
+            Ok(info) => (info.stream_sequence, info.delivered > 1),
+            Err(e) => return Err(Error::unavailable("NATS", e.to_string())),
+        };
+        let body = msg.payload.to_vec();
+        let decoded = wire::decode(
+            self.kind,
+            &self.destination,
+            msg.headers.as_ref(),
+            body.clone(),
+        );
+        self.unacked.insert(tag, msg);
+        Ok(match decoded {
+            Ok(message) => Received::Message(Delivery {
+                message,
+                redelivered,
+                tag,
+            }),
+            Err(e) => Received::Undecodable(Undecodable {
+                tag,
+                reason: e.to_string(),
+                body,
+            }),
+        })
+    }
+
+    async fn ack(&mut self, tag: u64) -> Result<()> {
+        // Double ack: wait for the server to confirm the ack, so "acked" means it will not come back.
+        let msg = self
+            .unacked
+            .remove(&tag)
+            .ok_or_else(|| Error::config(format!("unknown delivery tag {tag}")))?;
+        msg.double_ack()
+            .await
+            .map_err(|e| Error::unavailable("NATS (acknowledging)", e.to_string()))
+    }
+
+    async fn nack(&mut self, tag: u64) -> Result<()> {
+        let msg = self
+            .unacked
+            .remove(&tag)
+            .ok_or_else(|| Error::config(format!("unknown delivery tag {tag}")))?;
+        msg.ack_with(jetstream::AckKind::Nak(None))
+            .await
+            .map_err(|e| Error::unavailable("NATS (rejecting)", e.to_string()))
+    }
+}
