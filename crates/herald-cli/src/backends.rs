@@ -85,7 +85,7 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
                 .await
                 .with_context(|| format!("cannot open the embedded broker at {url}"))?,
         )),
-        other => Err(herald::Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ) or sqlite://path (embedded)")).into()),
+        other => Err(herald::Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream) or sqlite://path (embedded)")).into()),
     }
 }
 

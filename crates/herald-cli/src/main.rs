@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 mod backends;
 mod demo;
+mod dlq;
 mod relay;
+mod replay;
 mod status;
 
 /// herald: never fail to publish an event. A transactional outbox relay for PostgreSQL and SQLite,
@@ -25,10 +27,14 @@ enum Command {
     Migrate(DbArgs),
     /// Publish outbox rows to the broker until stopped (SIGTERM or Ctrl-C stop it gracefully).
     Relay(relay::RelayArgs),
-    /// Show outbox depth, age of the oldest pending message and dead letters per destination.
-    Status(DbArgs),
+    /// Show outbox depth, age of the oldest pending message, dead letters, and consumer lag.
+    Status(status::StatusArgs),
+    /// Rewind a consumer group on a log broker (embedded, NATS) to deliver events again.
+    Replay(replay::ReplayArgs),
     /// Run the order story end to end and check that nothing was lost, phantom or out of order.
     Demo(demo::DemoArgs),
+    /// List, show, replay or purge dead letters (relay side and consumer side).
+    Dlq(dlq::DlqArgs),
 }
 
 /// Where the outbox lives.
@@ -63,7 +69,9 @@ fn main() -> ExitCode {
             Command::Migrate(args) => migrate(args).await,
             Command::Relay(args) => relay::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Replay(args) => replay::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
         }
     });
     // Do not wait for stray background tasks (a consumer blocked on a socket) on the way out.

@@ -326,6 +326,32 @@ impl Transport for RabbitTransport {
         }))
     }
 
+    async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {
+        // Messages ready in the service's queue (not counting those delivered and unacknowledged).
+        let queue = match s.kind {
+            Kind::Event => format!("{}.{}", s.service, s.destination),
+            Kind::Command => s.destination.clone(),
+        };
+        let connection = self.connect().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_err("opening a channel", e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let depth = match channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(q) => Some(u64::from(q.message_count())),
+            Err(_) => None,
+        };
+        let _ = connection.close(200, "done".into()).await;
+        Ok(depth)
+    }
+
     fn describe(&self) -> String {
         format!("rabbitmq {}", self.url.redacted())
     }

@@ -4,7 +4,7 @@
 //! announce; herald's relay publishes them to the broker after the commit (at least once, in
 //! commit order per key), and never publishes the events of a transaction that rolled back.
 //!
-//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `rabbitmq`.
+//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `rabbitmq`, `nats`.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> herald::Result<()> {
@@ -48,6 +48,10 @@ pub use herald_sqlite as sqlite;
 /// RabbitMQ transport.
 #[cfg(feature = "rabbitmq")]
 pub use herald_rabbitmq as rabbitmq;
+
+/// NATS JetStream transport.
+#[cfg(feature = "nats")]
+pub use herald_nats as nats;
 
 /// The embedded, zero-server transport.
 #[cfg(feature = "embedded")]
