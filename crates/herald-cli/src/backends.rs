@@ -80,6 +80,9 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
         "amqp" | "amqps" => Ok(Arc::new(herald::rabbitmq::RabbitTransport::new(
             url.clone(),
         )?)),
+        "nats" | "tls" => Ok(Arc::new(
+            herald::nats::NatsTransport::connect(url.clone()).await?,
+        )),
         "sqlite" => Ok(Arc::new(
             herald::embedded::EmbeddedTransport::open(url.expose())
                 .await

@@ -1,6 +1,6 @@
 //! Writing messages into the PostgreSQL outbox, inside the application's transaction.
 
-use herald_core::{Identifier, Message, Result};
+use herald_core::{Error, Identifier, Kind, Message, Result};
 use sqlx::{AssertSqlSafe, PgConnection};
 
 /// Inserts messages into the outbox. Takes the caller's connection (usually `&mut *tx` of an open
@@ -40,5 +40,27 @@ impl PgOutboxWriter {
             .fetch_one(conn)
             .await
             .map_err(|e| crate::error::db("inserting into the outbox", e))
+    }
+
+    /// Publishes an event (to whoever subscribes to its topic), in the caller's transaction.
+    /// Refuses a command: send those to their owner with [`send`](Self::send).
+    pub async fn publish(&self, conn: &mut PgConnection, event: &Message) -> Result<i64> {
+        if event.kind != Kind::Event {
+            return Err(Error::config(
+                "publish takes an event; send a command with send()",
+            ));
+        }
+        self.enqueue(conn, event).await
+    }
+
+    /// Sends a command to the queue of the one service that owns it, in the caller's transaction.
+    /// The relay dead-letters it (after retries) if no owner has declared the queue.
+    pub async fn send(&self, conn: &mut PgConnection, command: &Message) -> Result<i64> {
+        if command.kind != Kind::Command {
+            return Err(Error::config(
+                "send takes a command; publish an event with publish()",
+            ));
+        }
+        self.enqueue(conn, command).await
     }
 }

@@ -1,6 +1,6 @@
 //! Writing messages into the SQLite outbox, inside the application's transaction.
 
-use herald_core::{Identifier, Message, Result};
+use herald_core::{Error, Identifier, Kind, Message, Result};
 use sqlx::{AssertSqlSafe, SqliteConnection};
 
 /// Inserts messages into the outbox. Takes the caller's connection (usually `&mut *tx` of an open
@@ -39,5 +39,27 @@ impl SqliteOutboxWriter {
             .await
             .map_err(|e| crate::error::db("inserting into the outbox", e))?;
         Ok(done.last_insert_rowid())
+    }
+
+    /// Publishes an event (to whoever subscribes to its topic), in the caller's transaction.
+    /// Refuses a command: send those to their owner with [`send`](Self::send).
+    pub async fn publish(&self, conn: &mut SqliteConnection, event: &Message) -> Result<i64> {
+        if event.kind != Kind::Event {
+            return Err(Error::config(
+                "publish takes an event; send a command with send()",
+            ));
+        }
+        self.enqueue(conn, event).await
+    }
+
+    /// Sends a command to the queue of the one service that owns it, in the caller's transaction.
+    /// The relay dead-letters it (after retries) if no owner has declared the queue.
+    pub async fn send(&self, conn: &mut SqliteConnection, command: &Message) -> Result<i64> {
+        if command.kind != Kind::Command {
+            return Err(Error::config(
+                "send takes a command; publish an event with publish()",
+            ));
+        }
+        self.enqueue(conn, command).await
     }
 }
