@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 mod backends;
+mod bench;
 mod demo;
 mod dlq;
 mod relay;
@@ -35,6 +36,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// List, show, replay or purge dead letters (relay side and consumer side).
     Dlq(dlq::DlqArgs),
+    /// Measure drain rate, latency, producer tax and database cost against same-run baselines.
+    Bench(bench::BenchArgs),
 }
 
 /// Where the outbox lives.
@@ -51,7 +54,7 @@ pub struct DbArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; its expected warnings (the injected outage) would drown it.
-    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "error"
     } else {
         "warn,herald=info,herald_core=info"
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
             Command::Replay(args) => replay::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     // Do not wait for stray background tasks (a consumer blocked on a socket) on the way out.

@@ -320,38 +320,49 @@ impl Consumer {
         });
         let mut sub = self.subscribe().await?;
         let cfg = &self.inner.config;
-        let mut housekeeping = tokio::time::interval(cfg.housekeeping_every);
-        info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
-        let result = loop {
-            tokio::select! {
-                biased;
-                _ = stop.changed() => break Ok(()),
-                _ = housekeeping.tick() => {
-                    if let Err(e) = self.replay_marked().await {
+        // Housekeeping runs beside the delivery loop rather than in a select with it, so a
+        // delivery being fetched is never dropped half-way.
+        let housekeeping = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let cfg = &me.inner.config;
+                let mut tick = tokio::time::interval(cfg.housekeeping_every);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = me.replay_marked().await {
                         warn!(error = %e.chain(), "replaying dead letters failed; will retry");
                     }
-                    if let Err(e) = self.inner.apply.purge_inbox(cfg.inbox_retention, 1000).await {
+                    if let Err(e) = me.inner.apply.purge_inbox(cfg.inbox_retention, 1000).await {
                         warn!(error = %e.chain(), "purging the inbox failed; will retry");
                     }
                 }
-                received = sub.next() => match received {
-                    Ok(r) => {
-                        if let Err(e) = self.handle(sub.as_mut(), r).await {
-                            break Err(e);
-                        }
+            })
+        };
+        info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
+        let result = loop {
+            let received = tokio::select! {
+                biased;
+                _ = stop.changed() => break Ok(()),
+                received = sub.next() => received,
+            };
+            match received {
+                Ok(r) => {
+                    if let Err(e) = self.handle(sub.as_mut(), r).await {
+                        break Err(e);
                     }
-                    Err(e) if e.is_transient() => {
-                        warn!(error = %e.chain(), "subscription lost; resubscribing");
-                        tokio::time::sleep(cfg.retry_initial).await;
-                        match self.subscribe().await {
-                            Ok(s) => sub = s,
-                            Err(e) => warn!(error = %e.chain(), "resubscribing failed; will retry"),
-                        }
+                }
+                Err(e) if e.is_transient() => {
+                    warn!(error = %e.chain(), "subscription lost; resubscribing");
+                    tokio::time::sleep(cfg.retry_initial).await;
+                    match self.subscribe().await {
+                        Ok(s) => sub = s,
+                        Err(e) => warn!(error = %e.chain(), "resubscribing failed; will retry"),
                     }
-                    Err(e) => break Err(e),
-                },
+                }
+                Err(e) => break Err(e),
             }
         };
+        housekeeping.abort();
         signal.abort();
         result
     }

@@ -1,0 +1,184 @@
+//! `herald bench`: drain, steady-state latency, producer tax and database cost, each next to a
+//! baseline measured in the same run (raw confirmed publish, raw business inserts, naive
+//! save-then-publish), so that ratios survive the machine's drift.
+
+mod db;
+mod report;
+mod scenarios;
+mod timing;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use herald::RelayConfig;
+
+use crate::backends::{self, Database, parse_duration};
+use db::BenchDb;
+use scenarios::Env;
+
+/// Flags of `herald bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Database URL (postgres://...); default: SQLite in a temporary directory. PostgreSQL runs
+    /// in a fresh schema that is dropped afterwards.
+    #[arg(long)]
+    database: Option<String>,
+    /// Broker URL (amqp://... or nats://...); default: the embedded broker in a temporary directory.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Messages in the drain scenario (and in the raw-publish baseline).
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Open-loop rates for the steady scenario, events per second (comma-separated); a closed-loop
+    /// "max" run is added.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<u32>,
+    /// Length of each steady, producer-tax and naive run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Concurrent writers in the closed-loop runs.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// Payload size of each message, bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// Relay batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Relay workers (concurrent claim-publish-mark loops).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Relay's longest idle poll interval.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// Do not wake the relay after each commit: measure a sidecar relay that only polls.
+    #[arg(long)]
+    no_wake: bool,
+    /// Skip scenarios: any of drain, steady, tax, naive.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// Folder for results.json and latency.svg.
+    #[arg(long, default_value = "bench-results")]
+    out: std::path::PathBuf,
+}
+
+pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    let tmp = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let suffix = format!("{:08x}", fastrand::u32(..));
+    let (db, schema, db_name) = match &args.database {
+        Some(raw) => {
+            let url = backends::parse_url("database", raw)?;
+            let schema = format!("herald_bench_{suffix}");
+            if let Database::Postgres(p) = backends::open_database(&url, None).await? {
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+                    .execute(&p)
+                    .await?;
+            } else {
+                anyhow::bail!(herald::Error::config(
+                    "--database must be postgres:// (without it the bench uses SQLite)"
+                ));
+            }
+            (
+                backends::open_database(&url, Some(&schema)).await?,
+                Some(schema),
+                "postgres",
+            )
+        }
+        None => {
+            let url =
+                backends::parse_url("database", &format!("sqlite://{}/bench.db", tmp.display()))?;
+            (backends::open_database(&url, None).await?, None, "sqlite")
+        }
+    };
+    let (broker, broker_name) = match &args.broker {
+        Some(raw) => {
+            let url = backends::parse_url("broker", raw)?;
+            let name = url.scheme().to_owned();
+            (backends::open_transport(&url).await?, name)
+        }
+        None => (
+            backends::open_transport(&backends::parse_url(
+                "broker",
+                &format!("sqlite://{}/broker.db", tmp.display()),
+            )?)
+            .await?,
+            "embedded".to_owned(),
+        ),
+    };
+    let bench_db = Arc::new(BenchDb::new(db, schema).await?);
+    let relay = RelayConfig {
+        batch_size: args.batch_size,
+        workers: args.workers,
+        poll_interval: args.poll_interval,
+        ..RelayConfig::default()
+    };
+    relay.validate()?;
+    let env = Env {
+        db: bench_db.clone(),
+        broker,
+        topic: format!("herald_bench_{suffix}"),
+        relay,
+        payload_bytes: args.payload_bytes,
+    };
+    let settings = bench_db.settings().await?;
+    eprintln!("bench: {db_name} + {broker_name}; {settings}");
+
+    let outcome = run_all(&args, &env).await;
+    bench_db.teardown().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let results = outcome?;
+    let report = report::Report::new(&args, db_name, &broker_name, settings, results);
+    report.print();
+    let dir = report.write(&args.out)?;
+    println!("results: {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Everything measured in one run.
+pub struct Results {
+    pub raw_publish: Option<scenarios::Rate>,
+    pub drain: Option<scenarios::Rate>,
+    pub steady: Vec<scenarios::Steady>,
+    pub business: Option<scenarios::Rate>,
+    pub with_outbox: Option<scenarios::Rate>,
+    pub naive: Option<(scenarios::Rate, timing::Percentiles)>,
+}
+
+async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
+    let skip = |s: &str| args.skip.iter().any(|k| k == s);
+    let mut r = Results {
+        raw_publish: None,
+        drain: None,
+        steady: Vec::new(),
+        business: None,
+        with_outbox: None,
+        naive: None,
+    };
+    if !skip("drain") {
+        r.raw_publish = Some(scenarios::raw_publish(env, args.messages).await?);
+        r.drain = Some(scenarios::drain(env, args.messages).await?);
+    }
+    if !skip("steady") {
+        for rate in &args.rates {
+            r.steady.push(
+                scenarios::steady(env, Some(*rate), args.duration, args.writers, !args.no_wake)
+                    .await?,
+            );
+        }
+        r.steady
+            .push(scenarios::steady(env, None, args.duration, args.writers, !args.no_wake).await?);
+    }
+    if !skip("tax") {
+        let (b, o) = scenarios::producer_tax(env, args.duration, args.writers).await?;
+        r.business = Some(b);
+        r.with_outbox = Some(o);
+    }
+    if !skip("naive") {
+        r.naive = Some(scenarios::naive(env, args.duration, args.writers).await?);
+    }
+    Ok(r)
+}
