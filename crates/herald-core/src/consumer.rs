@@ -100,6 +100,19 @@ pub struct ConsumerConfig {
     pub inbox_retention: Duration,
     /// How often dead letters marked for replay and expired inbox rows are looked for. Default 1 s.
     pub housekeeping_every: Duration,
+    /// Deliveries applied at once. Above 1, deliveries are spread over workers by ordering key,
+    /// so each key's messages are still applied one at a time, in order; unkeyed messages go
+    /// round-robin. Default 1.
+    pub concurrency: usize,
+}
+
+fn lane_of(key: &str, n: usize) -> usize {
+    // FNV-1a: stable across runs and platforms, unlike the std hasher's random seed.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
 }
 
 impl Default for ConsumerConfig {
@@ -110,6 +123,7 @@ impl Default for ConsumerConfig {
             retry_max: Duration::from_secs(5),
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_every: Duration::from_secs(1),
+            concurrency: 1,
         }
     }
 }
@@ -191,6 +205,14 @@ impl Consumer {
         sub: &mut dyn Subscriber,
         received: Received,
     ) -> Result<Option<Applied>> {
+        let tag = received.tag();
+        let outcome = self.process(received).await?;
+        sub.ack(tag).await?;
+        Ok(outcome)
+    }
+
+    /// Applies (with retries) or parks one received item, without acknowledging it.
+    async fn process(&self, received: Received) -> Result<Option<Applied>> {
         let service = &self.inner.subscription.service;
         match received {
             Received::Undecodable(u) => {
@@ -208,14 +230,9 @@ impl Consumer {
                     .counters
                     .dead_lettered
                     .fetch_add(1, Ordering::Relaxed);
-                sub.ack(u.tag).await?;
                 Ok(None)
             }
-            Received::Message(d) => {
-                let outcome = self.apply_with_retries(&d).await?;
-                sub.ack(d.tag).await?;
-                Ok(outcome)
-            }
+            Received::Message(d) => self.apply_with_retries(&d).await,
         }
     }
 
@@ -307,6 +324,107 @@ impl Consumer {
         Ok(done)
     }
 
+    /// One delivery at a time, in broker order.
+    async fn sequential(
+        &self,
+        sub: &mut Box<dyn Subscriber>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                received = sub.next() => received,
+            };
+            match received {
+                Ok(r) => {
+                    self.handle(sub.as_mut(), r).await?;
+                }
+                Err(e) => self.resubscribe(sub, e).await?,
+            }
+        }
+    }
+
+    /// `concurrency` workers; deliveries go to a worker chosen by their ordering key, so one key's
+    /// messages are still applied one at a time in broker order. Workers hand tags back to this
+    /// loop, which owns the subscriber and acknowledges them.
+    async fn keyed(
+        &self,
+        sub: &mut Box<dyn Subscriber>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let n = self.inner.config.concurrency;
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<u64>>();
+        let mut lanes = Vec::with_capacity(n);
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Received>();
+            lanes.push(tx);
+            let (me, done) = (self.clone(), done_tx.clone());
+            workers.spawn(async move {
+                while let Some(r) = rx.recv().await {
+                    let tag = r.tag();
+                    if done.send(me.process(r).await.map(|_| tag)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let limit = usize::from(self.inner.subscription.prefetch.max(1));
+        let mut in_flight = 0usize;
+        let mut next_lane = 0usize;
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break Ok(()),
+                Some(done) = done_rx.recv() => {
+                    in_flight -= 1;
+                    match done {
+                        Ok(tag) => if let Err(e) = sub.ack(tag).await { break Err(e) },
+                        Err(e) => break Err(e),
+                    }
+                }
+                received = sub.next(), if in_flight < limit => match received {
+                    Ok(r) => {
+                        let lane = match &r {
+                            Received::Message(d) => match &d.message.ordering_key {
+                                Some(key) => lane_of(key, n),
+                                None => { next_lane = (next_lane + 1) % n; next_lane }
+                            },
+                            Received::Undecodable(_) => 0,
+                        };
+                        in_flight += 1;
+                        let _ = lanes[lane].send(r);
+                    }
+                    Err(e) => if let Err(e) = self.resubscribe(sub, e).await { break Err(e) },
+                },
+            }
+        };
+        // Let the deliveries being applied finish and acknowledge them before returning.
+        drop(lanes);
+        drop(done_tx);
+        while let Some(done) = done_rx.recv().await {
+            if let Ok(tag) = done {
+                let _ = sub.ack(tag).await;
+            }
+        }
+        while workers.join_next().await.is_some() {}
+        outcome
+    }
+
+    async fn resubscribe(&self, sub: &mut Box<dyn Subscriber>, e: Error) -> Result<()> {
+        if !e.is_transient() {
+            return Err(e);
+        }
+        warn!(error = %e.chain(), "subscription lost; resubscribing");
+        tokio::time::sleep(self.inner.config.retry_initial).await;
+        match self.subscribe().await {
+            Ok(s) => *sub = s,
+            Err(e) => warn!(error = %e.chain(), "resubscribing failed; will retry"),
+        }
+        Ok(())
+    }
+
     /// Consumes until `shutdown` completes. The item being handled is finished (committed and
     /// acknowledged) before returning. Also replays marked dead letters and purges the inbox.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
@@ -339,28 +457,10 @@ impl Consumer {
             })
         };
         info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
-        let result = loop {
-            let received = tokio::select! {
-                biased;
-                _ = stop.changed() => break Ok(()),
-                received = sub.next() => received,
-            };
-            match received {
-                Ok(r) => {
-                    if let Err(e) = self.handle(sub.as_mut(), r).await {
-                        break Err(e);
-                    }
-                }
-                Err(e) if e.is_transient() => {
-                    warn!(error = %e.chain(), "subscription lost; resubscribing");
-                    tokio::time::sleep(cfg.retry_initial).await;
-                    match self.subscribe().await {
-                        Ok(s) => sub = s,
-                        Err(e) => warn!(error = %e.chain(), "resubscribing failed; will retry"),
-                    }
-                }
-                Err(e) => break Err(e),
-            }
+        let result = if cfg.concurrency <= 1 {
+            self.sequential(&mut sub, &mut stop).await
+        } else {
+            self.keyed(&mut sub, &mut stop).await
         };
         housekeeping.abort();
         signal.abort();

@@ -25,6 +25,7 @@
 //! ```
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -301,14 +302,21 @@ impl Transport for EmbeddedTransport {
         .execute(&self.pool)
         .await
         .map_err(|e| db("creating the consumer group", e))?;
+        let fetcher = Arc::new(Fetcher {
+            pool: self.consumer_pool.clone(),
+            group: group.clone(),
+            destination: subscription.destination.clone(),
+            batch: subscription.prefetch.clamp(1, 16),
+            visibility: self.visibility_timeout,
+            max_deliveries: self.max_deliveries,
+        });
         Ok(Box::new(EmbeddedSubscriber {
             pool: self.consumer_pool.clone(),
             group,
             destination: subscription.destination.clone(),
+            fetcher,
             buffer: std::collections::VecDeque::new(),
-            batch: subscription.prefetch.clamp(1, 16),
-            visibility: self.visibility_timeout,
-            max_deliveries: self.max_deliveries,
+            pending: None,
             idle: Duration::from_millis(1),
         }))
     }
@@ -351,18 +359,30 @@ struct EmbeddedSubscriber {
     pool: SqlitePool,
     group: String,
     destination: String,
+    fetcher: Arc<Fetcher>,
     buffer: std::collections::VecDeque<Received>,
-    batch: u16,
-    visibility: Duration,
-    max_deliveries: u32,
+    /// A fetch in progress. It runs as its own task so that dropping `next()` half-way (a
+    /// `select!` choosing another branch) cannot lose deliveries that its transaction already
+    /// handed out: the next call collects them.
+    pending: Option<tokio::task::JoinHandle<Result<Vec<Received>>>>,
     idle: Duration,
 }
 
-impl EmbeddedSubscriber {
+struct Fetcher {
+    pool: SqlitePool,
+    group: String,
+    destination: String,
+    batch: u16,
+    visibility: Duration,
+    max_deliveries: u32,
+}
+
+impl Fetcher {
     /// Takes up to `batch` deliveries for this group: first those whose visibility timeout passed
     /// (redeliveries), then new ones from the log. One `BEGIN IMMEDIATE` transaction, so two
     /// competing subscribers never take the same delivery.
-    async fn fill(&mut self) -> Result<()> {
+    async fn fill(&self) -> Result<Vec<Received>> {
+        let mut out = Vec::new();
         let now = to_micros(std::time::SystemTime::now());
         let visible_at = now + self.visibility.as_micros() as i64;
         let mut tx = self
@@ -486,7 +506,7 @@ impl EmbeddedSubscriber {
                 attempts: 0,
             };
             let body = raw.payload.clone();
-            self.buffer.push_back(match raw.decode() {
+            out.push(match raw.decode() {
                 Ok(row) => Received::Message(Delivery {
                     message: row.message,
                     redelivered,
@@ -499,7 +519,7 @@ impl EmbeddedSubscriber {
                 }),
             });
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -511,7 +531,15 @@ impl Subscriber for EmbeddedSubscriber {
                 self.idle = Duration::from_millis(1);
                 return Ok(d);
             }
-            self.fill().await?;
+            if self.pending.is_none() {
+                let fetcher = self.fetcher.clone();
+                self.pending = Some(tokio::spawn(async move { fetcher.fill().await }));
+            }
+            let fetched = self.pending.as_mut().expect("a fetch is pending").await;
+            self.pending = None;
+            let fetched =
+                fetched.map_err(|e| Error::unavailable("embedded broker", e.to_string()))??;
+            self.buffer.extend(fetched);
             if self.buffer.is_empty() {
                 tokio::time::sleep(self.idle).await;
                 self.idle = (self.idle * 2).min(Duration::from_millis(50));

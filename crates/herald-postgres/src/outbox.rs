@@ -57,10 +57,16 @@ impl Sql {
                    ORDER BY o.id LIMIT $4) \
                  RETURNING {cols}"
             ),
-            complete: format!("DELETE FROM \"{t}\" WHERE lease_token = $1 AND id = ANY($2)"),
+            // `set_config(.., true)` in a one-row join turns off the commit's fsync wait for this
+            // statement's implicit transaction only (see `claim`).
+            complete: format!(
+                "DELETE FROM \"{t}\" o USING (SELECT set_config('synchronous_commit', 'off', true)) s \
+                 WHERE o.lease_token = $1 AND o.id = ANY($2)"
+            ),
             release: format!(
-                "UPDATE \"{t}\" SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
-                 WHERE lease_token = $1 AND id = ANY($2)"
+                "UPDATE \"{t}\" o SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                 FROM (SELECT set_config('synchronous_commit', 'off', true)) s \
+                 WHERE o.lease_token = $1 AND o.id = ANY($2)"
             ),
             reject: format!(
                 "UPDATE \"{t}\" SET attempts = attempts + 1, last_error = $3, \
@@ -175,11 +181,17 @@ impl OutboxStore for PgOutbox {
             .begin()
             .await
             .map_err(|e| db("starting a claim", e))?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || $1))")
-            .bind(self.sql.table.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| db("serialising claims", e))?;
+        // The relay's own commits need no fsync: a lost claim means the rows are claimed again,
+        // a lost mark means the message is published again (a duplicate, never a loss). Only the
+        // application's commits must be durable, and they are untouched.
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), \
+             pg_advisory_xact_lock(hashtext(current_schema() || '.' || $1))",
+        )
+        .bind(self.sql.table.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db("serialising claims", e))?;
         let rows = sqlx::query(AssertSqlSafe(self.sql.claim.as_str()))
             .bind(owner)
             .bind(handle.token)

@@ -282,6 +282,57 @@ pub async fn per_key_order_within_a_group(h: &dyn ConsumerHarness) {
     assert_eq!(last.len(), 3);
 }
 
+/// A consumer applying four deliveries at once still applies each key's messages in order, and
+/// applies everything exactly once.
+pub async fn concurrent_consumer_keeps_key_order(h: &dyn ConsumerHarness) {
+    let sub = Subscription::events(h.unique("lanes"), "svc");
+    let cfg = ConsumerConfig {
+        concurrency: 4,
+        ..config()
+    };
+    let c = Consumer::new(
+        h.transport().await,
+        h.applier("svc", None),
+        sub.clone(),
+        cfg,
+    )
+    .unwrap();
+    let msgs: Vec<_> = (0..60u8)
+        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 5)))
+        .collect();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let running = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.run(async move {
+                let _ = stopped.changed().await;
+            })
+            .await
+        })
+    };
+    publish(&h.transport().await, &msgs).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.effects("svc").await.len() < msgs.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all applied within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(true);
+    running.await.unwrap().unwrap();
+    let effects = h.effects("svc").await;
+    assert_eq!(effects.len(), msgs.len(), "each applied once");
+    let position: HashMap<Uuid, usize> = msgs.iter().enumerate().map(|(i, m)| (m.id, i)).collect();
+    let mut last: HashMap<Option<String>, usize> = HashMap::new();
+    for (id, key) in effects {
+        let p = position[&id];
+        if let Some(prev) = last.insert(key.clone(), p) {
+            assert!(p > prev, "key {key:?} applied out of order");
+        }
+    }
+}
+
 /// A delivery that is not a herald message is parked with the decode error, and the consumer
 /// goes on with the next message.
 pub async fn undecodable_delivery_is_dead_lettered_and_consumer_continues(h: &dyn ConsumerHarness) {
@@ -310,6 +361,7 @@ macro_rules! consumer_suite {
         $crate::consumer_suite!(@one $make, every_subscribing_service_applies_each_event);
         $crate::consumer_suite!(@one $make, replay_from_start_applies_nothing_twice);
         $crate::consumer_suite!(@one $make, per_key_order_within_a_group);
+        $crate::consumer_suite!(@one $make, concurrent_consumer_keeps_key_order);
         $crate::consumer_suite!(@one $make, undecodable_delivery_is_dead_lettered_and_consumer_continues);
     };
     (@one $make:expr, $name:ident) => {

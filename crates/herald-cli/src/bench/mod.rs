@@ -57,7 +57,8 @@ pub struct BenchArgs {
     /// Do not wake the relay after each commit: measure a sidecar relay that only polls.
     #[arg(long)]
     no_wake: bool,
-    /// Skip scenarios: any of drain, steady, tax, naive.
+    /// Skip scenarios: any of drain, steady, tax, naive; `consumer` runs the steady scenario
+    /// without its consumer (commit to confirm only).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Folder for results.json and latency.svg.
@@ -165,12 +166,28 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
     if !skip("steady") {
         for rate in &args.rates {
             r.steady.push(
-                scenarios::steady(env, Some(*rate), args.duration, args.writers, !args.no_wake)
-                    .await?,
+                scenarios::steady(
+                    env,
+                    Some(*rate),
+                    args.duration,
+                    args.writers,
+                    !args.no_wake,
+                    !skip("consumer"),
+                )
+                .await?,
             );
         }
-        r.steady
-            .push(scenarios::steady(env, None, args.duration, args.writers, !args.no_wake).await?);
+        r.steady.push(
+            scenarios::steady(
+                env,
+                None,
+                args.duration,
+                args.writers,
+                !args.no_wake,
+                !skip("consumer"),
+            )
+            .await?,
+        );
     }
     if !skip("tax") {
         let (b, o) = scenarios::producer_tax(env, args.duration, args.writers).await?;

@@ -244,6 +244,7 @@ pub async fn steady(
     duration: Duration,
     writers: usize,
     wake: bool,
+    with_consumer: bool,
 ) -> Result<Steady> {
     let timings = Timings::new();
     let transport: Arc<dyn Transport> = Arc::new(TimingTransport {
@@ -252,6 +253,12 @@ pub async fn steady(
     });
     let relay = env.relay(transport.clone(), "bench-steady").await?;
     let service = format!("bench-consumer-{}", fastrand::u32(..));
+    // A topic of its own, so the consumer does not first wade through earlier scenarios' events.
+    let topic = format!(
+        "{}_{}",
+        env.topic,
+        rate.map_or_else(|| "max".to_owned(), |r| r.to_string())
+    );
     let apply: Arc<dyn herald::Apply> = match &env.db.db {
         Database::Postgres(p) => Arc::new(herald::postgres::PgApplier::new(
             p.clone(),
@@ -271,7 +278,7 @@ pub async fn steady(
     let consumer = Consumer::new(
         env.broker.clone(),
         apply,
-        Subscription::events(&env.topic, &service),
+        Subscription::events(&topic, &service),
         ConsumerConfig::default(),
     )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -284,7 +291,13 @@ pub async fn steady(
     };
     let consumer_task = {
         let (consumer, rx) = (consumer.clone(), stop_rx.clone());
-        tokio::spawn(async move { consumer.run(stopper(rx)).await })
+        tokio::spawn(async move {
+            if with_consumer {
+                consumer.run(stopper(rx)).await
+            } else {
+                Ok(())
+            }
+        })
     };
 
     let before = env.db.pg_counters().await?;
@@ -319,7 +332,12 @@ pub async fn steady(
             produced.clone(),
             waker.clone(),
         );
-        let msgs: Vec<Message> = (0..64).map(|i| env.message(i)).collect();
+        let msgs: Vec<Message> = (0..64)
+            .map(|i| Message {
+                destination: topic.clone(),
+                ..env.message(i)
+            })
+            .collect();
         tasks.spawn(async move {
             let mut slot = w;
             loop {
