@@ -300,6 +300,9 @@ pub async fn concurrent_consumer_keeps_key_order(h: &dyn ConsumerHarness) {
     let msgs: Vec<_> = (0..60u8)
         .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 5)))
         .collect();
+    // Subscribing declares the service's queue; on RabbitMQ, events published before it exists
+    // are (rightly) dropped.
+    drop(c.subscribe().await.unwrap());
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let running = {
         let c = c.clone();
@@ -313,9 +316,14 @@ pub async fn concurrent_consumer_keeps_key_order(h: &dyn ConsumerHarness) {
     publish(&h.transport().await, &msgs).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while h.effects("svc").await.len() < msgs.len() {
+        if running.is_finished() {
+            panic!("the consumer stopped early: {:?}", running.await);
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "not all applied within 30 s"
+            "not all applied within 30 s: {} of {}",
+            h.effects("svc").await.len(),
+            msgs.len()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
