@@ -54,6 +54,9 @@ pub struct BenchArgs {
     /// Relay's longest idle poll interval.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     poll_interval: Duration,
+    /// Deliveries the steady scenario's consumer applies at once (spread by ordering key).
+    #[arg(long, default_value_t = 8)]
+    consumer_concurrency: usize,
     /// Do not wake the relay after each commit: measure a sidecar relay that only polls.
     #[arg(long)]
     no_wake: bool,
@@ -172,7 +175,11 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
                     args.duration,
                     args.writers,
                     !args.no_wake,
-                    !skip("consumer"),
+                    if skip("consumer") {
+                        0
+                    } else {
+                        args.consumer_concurrency
+                    },
                 )
                 .await?,
             );
@@ -184,7 +191,11 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
                 args.duration,
                 args.writers,
                 !args.no_wake,
-                !skip("consumer"),
+                if skip("consumer") {
+                    0
+                } else {
+                    args.consumer_concurrency
+                },
             )
             .await?,
         );

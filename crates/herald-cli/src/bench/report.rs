@@ -46,7 +46,7 @@ impl Report {
             "knobs": {
                 "batch_size": args.batch_size, "workers": args.workers,
                 "poll_interval_ms": args.poll_interval.as_millis() as u64, "wake_in_process": !args.no_wake,
-                "writers": args.writers, "payload_bytes": args.payload_bytes,
+                "writers": args.writers, "payload_bytes": args.payload_bytes, "consumer_concurrency": args.consumer_concurrency,
                 "duration_s": args.duration.as_secs_f64(), "messages": args.messages,
             },
             "raw_publish": results.raw_publish,

@@ -244,8 +244,9 @@ pub async fn steady(
     duration: Duration,
     writers: usize,
     wake: bool,
-    with_consumer: bool,
+    consumer_concurrency: usize,
 ) -> Result<Steady> {
+    let with_consumer = consumer_concurrency > 0;
     let timings = Timings::new();
     let transport: Arc<dyn Transport> = Arc::new(TimingTransport {
         inner: env.broker.clone(),
@@ -279,7 +280,10 @@ pub async fn steady(
         env.broker.clone(),
         apply,
         Subscription::events(&topic, &service),
-        ConsumerConfig::default(),
+        ConsumerConfig {
+            concurrency: consumer_concurrency.max(1),
+            ..ConsumerConfig::default()
+        },
     )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopper = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
