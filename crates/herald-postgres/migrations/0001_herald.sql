@@ -22,6 +22,11 @@ CREATE TABLE IF NOT EXISTS herald_outbox (
 
 CREATE INDEX IF NOT EXISTS herald_outbox_key_idx ON herald_outbox (ordering_key, id);
 
+-- Every published row is deleted, so the table is a queue: vacuum it after a fixed number of dead
+-- rows rather than a fraction of its (small) size, and without cost-based throttling.
+ALTER TABLE herald_outbox SET (autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 2000,
+                               autovacuum_vacuum_cost_delay = 0);
+
 CREATE TABLE IF NOT EXISTS herald_outbox_dead_letter (
     id               BIGINT      PRIMARY KEY,          -- the outbox id it had
     message_id       UUID        NOT NULL,

@@ -193,6 +193,10 @@ pub async fn drain(env: &Env, n: u64) -> Result<Rate> {
     let elapsed = started.elapsed();
     let _ = stop_tx.send(true);
     runner.await??;
+    // Later scenarios should not inherit the drain's dead rows.
+    if let Database::Postgres(p) = &env.db.db {
+        sqlx::query("VACUUM herald_outbox").execute(p).await?;
+    }
     Ok(Rate::new("drain (outbox to broker)", n, elapsed))
 }
 
