@@ -54,8 +54,9 @@ pub struct BenchArgs {
     /// Relay's longest idle poll interval.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     poll_interval: Duration,
-    /// Deliveries the steady scenario's consumer applies at once (spread by ordering key).
-    #[arg(long, default_value_t = 8)]
+    /// Deliveries the steady scenario's consumer applies at once (spread by ordering key);
+    /// 0 picks 1 on SQLite (one writer: more lanes only contend) and 4 on PostgreSQL.
+    #[arg(long, default_value_t = 0)]
     consumer_concurrency: usize,
     /// Do not wake the relay after each commit: measure a sidecar relay that only polls.
     #[arg(long)]
@@ -131,6 +132,10 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let settings = bench_db.settings().await?;
     eprintln!("bench: {db_name} + {broker_name}; {settings}");
 
+    let mut args = args;
+    if args.consumer_concurrency == 0 {
+        args.consumer_concurrency = if db_name == "sqlite" { 1 } else { 4 };
+    }
     let outcome = run_all(&args, &env).await;
     bench_db.teardown().await;
     let _ = std::fs::remove_dir_all(&tmp);

@@ -206,6 +206,9 @@ impl Report {
 }
 
 fn fmt(p: &Percentiles) -> String {
+    if p.count == 0 {
+        return "-".to_owned();
+    }
     format!(
         "{:.2} / {:.2} / {:.2} / {:.2}",
         p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
