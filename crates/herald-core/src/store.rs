@@ -213,3 +213,24 @@ pub const OUTBOX_COLUMNS: [&str; 16] = [
     "lease_token",
     "lease_until",
 ];
+
+/// Adds per-destination dead-letter counts to pending counts (destinations with only dead letters
+/// get a row of their own), sorted by destination. Shared by the stores' `stats`.
+pub fn with_dead_letters(
+    mut stats: Vec<DestinationStats>,
+    dead: impl IntoIterator<Item = (String, u64)>,
+) -> Vec<DestinationStats> {
+    for (destination, n) in dead {
+        match stats.iter_mut().find(|s| s.destination == destination) {
+            Some(s) => s.dead_letters = n,
+            None => stats.push(DestinationStats {
+                destination,
+                pending: 0,
+                oldest: None,
+                dead_letters: n,
+            }),
+        }
+    }
+    stats.sort_by(|a, b| a.destination.cmp(&b.destination));
+    stats
+}

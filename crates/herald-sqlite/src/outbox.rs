@@ -291,7 +291,7 @@ impl OutboxStore for SqliteOutbox {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| db("reading dead letters", e))?;
-        let mut out: Vec<DestinationStats> = pending
+        let out: Vec<DestinationStats> = pending
             .iter()
             .map(|r| DestinationStats {
                 destination: r.get("destination"),
@@ -300,21 +300,10 @@ impl OutboxStore for SqliteOutbox {
                 dead_letters: 0,
             })
             .collect();
-        for r in &dead {
-            let destination: String = r.get("destination");
-            let n = r.get::<i64, _>("n") as u64;
-            match out.iter_mut().find(|s| s.destination == destination) {
-                Some(s) => s.dead_letters = n,
-                None => out.push(DestinationStats {
-                    destination,
-                    pending: 0,
-                    oldest: None,
-                    dead_letters: n,
-                }),
-            }
-        }
-        out.sort_by(|a, b| a.destination.cmp(&b.destination));
-        Ok(out)
+        let dead = dead
+            .iter()
+            .map(|r| (r.get("destination"), r.get::<i64, _>("n") as u64));
+        Ok(herald_core::store::with_dead_letters(out, dead))
     }
 
     async fn durability_warnings(&self) -> Result<Vec<String>> {
