@@ -1,23 +1,36 @@
-//! A history of what producers committed and consumers received, and a checker for the
-//! guarantees: nothing lost, nothing phantom, order per key, duplicates counted.
+//! A history of what producers attempted and committed, what consumers received and applied, and
+//! a checker for the guarantees: nothing lost, nothing phantom, order per key, no effect applied
+//! twice, duplicate deliveries counted.
+//!
+//! The checker works on facts, not on what the system under test reports about itself: the
+//! producer's side comes from the transaction outcomes (an outcome the client could not learn,
+//! such as a commit whose connection died, is resolved from a ground-truth ledger written in the
+//! same transaction); the consumer's side from every delivery the subscriber handed out and every
+//! effect row the handler committed.
 
 use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
-/// What happened to one message from the producer's side.
+/// What happened to one message's transaction from the producer's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fate {
+pub enum Outcome {
+    /// The transaction committed.
     Committed,
+    /// The transaction rolled back (on purpose or because it failed before commit).
     RolledBack,
+    /// The client does not know: the commit was sent and the connection failed. Resolve it with
+    /// [`History::resolve`] from a ledger before checking; unresolved ones count as not committed.
+    Unknown,
 }
 
 /// The recorded history of one run.
 #[derive(Debug, Default)]
 pub struct History {
-    produced: HashMap<Uuid, (Fate, String, u64)>,
+    produced: HashMap<Uuid, (Outcome, String, u64)>,
     deliveries: Vec<(Uuid, String, u64)>,
-    dead_lettered: HashSet<Uuid>,
+    effects: Vec<(Uuid, String, u64)>,
+    dead_letters: HashMap<Uuid, String>,
 }
 
 /// The checker's verdict.
@@ -27,22 +40,32 @@ pub struct Verdict {
     pub committed: usize,
     /// Messages whose transaction rolled back.
     pub rolled_back: usize,
+    /// Messages whose outcome was never learned nor resolved.
+    pub unknown: usize,
     /// Distinct messages delivered.
     pub delivered: usize,
     /// Deliveries beyond the first of a message.
     pub duplicates: usize,
+    /// Effects applied more than once for the same message (must be zero with an inbox).
+    pub duplicate_effects: Vec<Uuid>,
     /// Committed, neither delivered nor dead-lettered.
     pub lost: Vec<Uuid>,
-    /// Delivered but never committed (rolled back, or never produced at all).
+    /// Delivered but never committed (rolled back, unknown, or never produced at all).
     pub phantom: Vec<Uuid>,
-    /// First deliveries that came after a later message of the same key.
+    /// Messages applied (or, in a history without effects, first delivered) after a later
+    /// message of the same key.
     pub out_of_order: Vec<Uuid>,
+    /// Messages parked in a dead-letter store, with the reason.
+    pub dead_lettered: Vec<(Uuid, String)>,
 }
 
 impl Verdict {
-    /// No loss, no phantom, no order violation.
+    /// No loss, no phantom, no order violation, no effect applied twice.
     pub fn ok(&self) -> bool {
-        self.lost.is_empty() && self.phantom.is_empty() && self.out_of_order.is_empty()
+        self.lost.is_empty()
+            && self.phantom.is_empty()
+            && self.out_of_order.is_empty()
+            && self.duplicate_effects.is_empty()
     }
 }
 
@@ -52,48 +75,90 @@ impl History {
         History::default()
     }
 
-    /// A transaction with message `id` (the `seq`-th of `key`, counting from 1) committed.
+    /// Records the outcome of the transaction that carried message `id`, the `seq`-th version of
+    /// `key` (versions of a key count up from 1 in commit order).
+    pub fn produced(&mut self, id: Uuid, key: &str, seq: u64, outcome: Outcome) {
+        self.produced.insert(id, (outcome, key.to_owned(), seq));
+    }
+
+    /// A transaction with message `id` committed.
     pub fn committed(&mut self, id: Uuid, key: &str, seq: u64) {
-        self.produced
-            .insert(id, (Fate::Committed, key.to_owned(), seq));
+        self.produced(id, key, seq, Outcome::Committed);
     }
 
     /// A transaction with message `id` rolled back.
     pub fn rolled_back(&mut self, id: Uuid, key: &str, seq: u64) {
-        self.produced
-            .insert(id, (Fate::RolledBack, key.to_owned(), seq));
+        self.produced(id, key, seq, Outcome::RolledBack);
     }
 
-    /// A consumer received message `id` carrying `key` and `seq`.
+    /// Settles every [`Outcome::Unknown`]: committed if `committed(id)` says the ledger holds it,
+    /// rolled back otherwise. Returns how many were found committed.
+    pub fn resolve(&mut self, committed: impl Fn(&Uuid) -> bool) -> usize {
+        let mut found = 0;
+        for (id, (outcome, _, _)) in self.produced.iter_mut() {
+            if *outcome == Outcome::Unknown {
+                *outcome = if committed(id) {
+                    found += 1;
+                    Outcome::Committed
+                } else {
+                    Outcome::RolledBack
+                };
+            }
+        }
+        found
+    }
+
+    /// A consumer received message `id` carrying `key` and `seq` (duplicates included).
     pub fn delivered(&mut self, id: Uuid, key: &str, seq: u64) {
         self.deliveries.push((id, key.to_owned(), seq));
     }
 
-    /// Message `id` was parked in a dead-letter table (accounted for, not lost).
-    pub fn dead_lettered(&mut self, id: Uuid) {
-        self.dead_lettered.insert(id);
+    /// A consumer's handler committed the effect of message `id`; call in the order the effects
+    /// were committed.
+    pub fn applied(&mut self, id: Uuid, key: &str, seq: u64) {
+        self.effects.push((id, key.to_owned(), seq));
+    }
+
+    /// Message `id` was parked in a dead-letter store (accounted for, not lost).
+    pub fn dead_lettered(&mut self, id: Uuid, reason: &str) {
+        self.dead_letters.insert(id, reason.to_owned());
     }
 
     /// Checks the whole history.
     pub fn check(&self) -> Verdict {
         let mut v = Verdict::default();
-        for (fate, _, _) in self.produced.values() {
-            match fate {
-                Fate::Committed => v.committed += 1,
-                Fate::RolledBack => v.rolled_back += 1,
+        for (outcome, _, _) in self.produced.values() {
+            match outcome {
+                Outcome::Committed => v.committed += 1,
+                Outcome::RolledBack => v.rolled_back += 1,
+                Outcome::Unknown => v.unknown += 1,
             }
         }
+        let committed = |id: &Uuid| matches!(self.produced.get(id), Some((Outcome::Committed, ..)));
+
         let mut seen: HashSet<Uuid> = HashSet::new();
-        let mut last_seq: HashMap<&str, u64> = HashMap::new();
-        for (id, key, seq) in &self.deliveries {
+        for (id, _, _) in &self.deliveries {
             if !seen.insert(*id) {
                 v.duplicates += 1;
-                continue;
+            } else if !committed(id) {
+                v.phantom.push(*id);
             }
-            match self.produced.get(id) {
-                Some((Fate::Committed, _, _)) => {}
-                _ => v.phantom.push(*id),
-            }
+        }
+        v.delivered = seen.len();
+
+        // Order: applied effects when the history has them (what the consumer's state saw),
+        // otherwise first deliveries.
+        let ordered: Vec<&(Uuid, String, u64)> = if self.effects.is_empty() {
+            let mut first = HashSet::new();
+            self.deliveries
+                .iter()
+                .filter(|(id, _, _)| first.insert(*id))
+                .collect()
+        } else {
+            self.effects.iter().collect()
+        };
+        let mut last_seq: HashMap<&str, u64> = HashMap::new();
+        for (id, key, seq) in ordered {
             let last = last_seq.entry(key.as_str()).or_insert(0);
             if *seq < *last {
                 v.out_of_order.push(*id);
@@ -101,12 +166,32 @@ impl History {
                 *last = *seq;
             }
         }
-        v.delivered = seen.len();
-        for (id, (fate, _, _)) in &self.produced {
-            if *fate == Fate::Committed && !seen.contains(id) && !self.dead_lettered.contains(id) {
+
+        let mut applied: HashSet<Uuid> = HashSet::new();
+        for (id, _, _) in &self.effects {
+            if !applied.insert(*id) {
+                v.duplicate_effects.push(*id);
+            }
+            if !seen.contains(id) && !committed(id) {
+                // An effect of a message nobody delivered and nobody committed.
+                v.phantom.push(*id);
+            }
+        }
+
+        for (id, (outcome, _, _)) in &self.produced {
+            if *outcome == Outcome::Committed
+                && !seen.contains(id)
+                && !applied.contains(id)
+                && !self.dead_letters.contains_key(id)
+            {
                 v.lost.push(*id);
             }
         }
+        v.dead_lettered = self
+            .dead_letters
+            .iter()
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
         v
     }
 }
@@ -171,11 +256,74 @@ mod tests {
     }
 
     #[test]
-    fn dead_lettered_is_not_lost() {
+    fn dead_lettered_is_not_lost_and_keeps_its_reason() {
         let id = ids(1);
         let mut h = History::new();
         h.committed(id[0], "a", 1);
-        h.dead_lettered(id[0]);
-        assert!(h.check().ok());
+        h.dead_lettered(id[0], "payload over the broker's limit");
+        let v = h.check();
+        assert!(v.ok(), "{v:?}");
+        assert_eq!(
+            v.dead_lettered,
+            vec![(id[0], "payload over the broker's limit".to_owned())]
+        );
+    }
+
+    #[test]
+    fn an_effect_applied_twice_fails_the_check() {
+        let id = ids(1);
+        let mut h = History::new();
+        h.committed(id[0], "a", 1);
+        h.delivered(id[0], "a", 1);
+        h.delivered(id[0], "a", 1);
+        h.applied(id[0], "a", 1);
+        h.applied(id[0], "a", 1);
+        let v = h.check();
+        assert_eq!(v.duplicate_effects, vec![id[0]]);
+        assert_eq!(v.duplicates, 1);
+        assert!(!v.ok());
+    }
+
+    #[test]
+    fn order_is_judged_on_applied_effects_when_there_are_any() {
+        let id = ids(2);
+        let mut h = History::new();
+        h.committed(id[0], "a", 1);
+        h.committed(id[1], "a", 2);
+        // Delivered in order, but a concurrent consumer applied them the other way round.
+        h.delivered(id[0], "a", 1);
+        h.delivered(id[1], "a", 2);
+        h.applied(id[1], "a", 2);
+        h.applied(id[0], "a", 1);
+        assert_eq!(h.check().out_of_order, vec![id[0]]);
+    }
+
+    #[test]
+    fn unknown_outcomes_are_resolved_from_the_ledger() {
+        let id = ids(3);
+        let mut h = History::new();
+        h.produced(id[0], "a", 1, Outcome::Unknown);
+        h.produced(id[1], "b", 1, Outcome::Unknown);
+        h.produced(id[2], "c", 1, Outcome::Unknown);
+        assert_eq!(h.check().unknown, 3);
+        // The ledger holds id[0] and id[1]; id[1] was never delivered: lost. id[2] did not
+        // commit but was delivered: phantom.
+        let ledger = [id[0], id[1]];
+        assert_eq!(h.resolve(|i| ledger.contains(i)), 2);
+        h.delivered(id[0], "a", 1);
+        h.delivered(id[2], "c", 1);
+        let v = h.check();
+        assert_eq!((v.committed, v.rolled_back, v.unknown), (2, 1, 0));
+        assert_eq!(v.lost, vec![id[1]]);
+        assert_eq!(v.phantom, vec![id[2]]);
+    }
+
+    #[test]
+    fn an_unresolved_unknown_delivered_is_a_phantom() {
+        let id = ids(1);
+        let mut h = History::new();
+        h.produced(id[0], "a", 1, Outcome::Unknown);
+        h.delivered(id[0], "a", 1);
+        assert_eq!(h.check().phantom, vec![id[0]]);
     }
 }

@@ -8,8 +8,8 @@ mod proxy;
 pub mod suite;
 
 pub use flaky::FlakyTransport;
-pub use history::{History, Verdict};
-pub use proxy::ChaosProxy;
+pub use history::{History, Outcome, Verdict};
+pub use proxy::{ChaosProxy, Direction, Link};
 
 /// A random lowercase suffix for names of per-test schemas, queues and exchanges.
 pub fn unique(prefix: &str) -> String {

@@ -1,19 +1,45 @@
-//! A small TCP chaos proxy on loopback, to cut the network between herald and a real server.
+//! A small TCP chaos proxy on loopback, to break the network between herald and a real server in
+//! the ways real networks break: reset, blackhole, one direction only, added latency.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// Forwards connections from a local port to `target`. While cut, open connections are reset and
-/// new ones are closed at once, as when the server's host is unreachable.
+/// Which way bytes flow through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client (herald) to the server.
+    ToServer,
+    /// From the server back to the client (replies, confirmations).
+    ToClient,
+}
+
+/// The state of the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Bytes flow both ways.
+    Healthy,
+    /// Open connections are reset and new ones closed at once, as when the server's host is down.
+    Reset,
+    /// Connections stay open but nothing gets through either way, as behind a dropped route:
+    /// clients find out only by their own timeouts.
+    Blackhole,
+    /// Bytes in one direction are dropped, the other way still flows: requests reach the server
+    /// but its replies never come back (or the reverse).
+    Drop(Direction),
+    /// Every chunk is held this long before it is forwarded.
+    Latency(Duration),
+}
+
+/// Forwards connections from a local port to `target`, with a [`Link`] state that tests and
+/// `herald verify` change while traffic flows.
 pub struct ChaosProxy {
     addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    epoch: watch::Sender<u64>,
+    state: watch::Sender<(Link, u64)>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,33 +48,32 @@ impl ChaosProxy {
     pub async fn start(target: SocketAddr) -> std::io::Result<ChaosProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let cut = Arc::new(AtomicBool::new(false));
-        let (epoch, _) = watch::channel(0u64);
-        let (cut2, epoch2) = (cut.clone(), epoch.clone());
+        // (link, epoch): the epoch changes on every reset so open connections notice.
+        let (state, _) = watch::channel((Link::Healthy, 0u64));
+        let state2 = state.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
+            while let Ok((client, _)) = listener.accept().await {
+                let rx = state2.subscribe();
+                if rx.borrow().0 == Link::Reset {
                     drop(client);
                     continue;
                 }
-                let mut changes = epoch2.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(target).await else {
+                    let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
                     tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => {}
-                        _ = changes.changed() => {}
+                        _ = pump(cr, sw, Direction::ToServer, rx.clone()) => {}
+                        _ = pump(sr, cw, Direction::ToClient, rx) => {}
                     }
                 });
             }
         });
-        Ok(ChaosProxy {
-            addr,
-            cut,
-            epoch,
-            task,
-        })
+        Ok(ChaosProxy { addr, state, task })
     }
 
     /// The address to connect to instead of the target.
@@ -56,21 +81,130 @@ impl ChaosProxy {
         self.addr
     }
 
+    /// Sets the link's state; [`Link::Reset`] drops every open connection.
+    pub fn set(&self, link: Link) {
+        self.state.send_modify(|(l, epoch)| {
+            *l = link;
+            if link == Link::Reset {
+                *epoch += 1;
+            }
+        });
+    }
+
+    /// The link's current state.
+    pub fn link(&self) -> Link {
+        self.state.borrow().0
+    }
+
     /// Cuts the link: drops open connections and refuses new ones until [`ChaosProxy::heal`].
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.epoch.send_modify(|e| *e += 1);
+        self.set(Link::Reset);
     }
 
     /// Restores the link.
     pub fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+        self.set(Link::Healthy);
+    }
+}
+
+/// Copies one direction of a connection, applying the link's state to every chunk.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    dir: Direction,
+    mut state: watch::Receiver<(Link, u64)>,
+) {
+    let epoch = state.borrow().1;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            changed = state.changed() => {
+                if changed.is_err() || state.borrow().1 != epoch {
+                    return;
+                }
+                continue;
+            }
+        };
+        let link = state.borrow().0;
+        match link {
+            Link::Reset => return,
+            Link::Blackhole => continue,
+            Link::Drop(d) if d == dir => continue,
+            Link::Latency(d) => tokio::time::sleep(d).await,
+            Link::Healthy | Link::Drop(_) => {}
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
 impl Drop for ChaosProxy {
     fn drop(&mut self) {
         self.task.abort();
-        self.epoch.send_modify(|e| *e += 1);
+        self.set(Link::Reset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn roundtrip(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+        s.write_all(b"ping").await.ok()?;
+        let mut b = [0u8; 4];
+        match tokio::time::timeout(wait, s.read_exact(&mut b)).await {
+            Ok(Ok(_)) => Some(b.to_vec()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_link_state_behaves_as_named() {
+        let proxy = ChaosProxy::start(echo_server().await).await.unwrap();
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        let short = Duration::from_millis(300);
+        assert_eq!(roundtrip(&mut s, short).await.as_deref(), Some(&b"ping"[..]));
+
+        proxy.set(Link::Drop(Direction::ToClient));
+        assert_eq!(roundtrip(&mut s, short).await, None, "replies dropped");
+        proxy.set(Link::Blackhole);
+        assert_eq!(roundtrip(&mut s, short).await, None, "blackholed");
+
+        proxy.set(Link::Latency(Duration::from_millis(150)));
+        let mut s2 = TcpStream::connect(proxy.addr()).await.unwrap();
+        let t = std::time::Instant::now();
+        assert!(roundtrip(&mut s2, Duration::from_secs(2)).await.is_some());
+        assert!(t.elapsed() >= Duration::from_millis(300), "both ways delayed");
+
+        proxy.cut();
+        let mut b = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_secs(2), s2.read(&mut b)).await;
+        assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "reset closes: {r:?}");
+        proxy.heal();
+        let mut s3 = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert!(roundtrip(&mut s3, Duration::from_secs(2)).await.is_some());
     }
 }
