@@ -27,4 +27,4 @@ pub use consumer::{PgApplier, PgHandler};
 pub use inbox::PgInbox;
 pub use migrate::{MIGRATION, migrate};
 pub use outbox::PgOutbox;
-pub use writer::PgOutboxWriter;
+pub use writer::{PgOutboxWriter, PgPark};

@@ -64,3 +64,39 @@ impl PgOutboxWriter {
         self.enqueue(conn, command).await
     }
 }
+
+/// Fallback storage in an outbox table: parks messages the broker did not confirm, in a
+/// transaction of its own, for a [`Relay`](herald_core::Relay) on that table to retry. See
+/// [`herald_core::fallback`] for what fallback storage does not guarantee.
+#[derive(Debug, Clone)]
+pub struct PgPark {
+    pool: sqlx::PgPool,
+    writer: PgOutboxWriter,
+}
+
+impl PgPark {
+    /// Parks into the outbox table `table` (created by [`migrate`](crate::migrate)).
+    pub fn new(pool: sqlx::PgPool, table: &Identifier) -> PgPark {
+        PgPark {
+            pool,
+            writer: PgOutboxWriter::new(table),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl herald_core::Park for PgPark {
+    async fn park(&self, messages: &[Message]) -> Result<()> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| crate::error::db("parking messages", e))?;
+        for m in messages {
+            self.writer.enqueue(&mut tx, m).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| crate::error::db("committing parked messages", e))
+    }
+}

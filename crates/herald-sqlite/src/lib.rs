@@ -29,4 +29,4 @@ pub use consumer::{SqliteApplier, SqliteHandler};
 pub use inbox::SqliteInbox;
 pub use migrate::{MIGRATION, migrate};
 pub use outbox::SqliteOutbox;
-pub use writer::SqliteOutboxWriter;
+pub use writer::{SqliteOutboxWriter, SqlitePark};

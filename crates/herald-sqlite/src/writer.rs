@@ -63,3 +63,39 @@ impl SqliteOutboxWriter {
         self.enqueue(conn, command).await
     }
 }
+
+/// Fallback storage in an outbox table: parks messages the broker did not confirm, in a
+/// transaction of its own, for a [`Relay`](herald_core::Relay) on that table to retry. See
+/// [`herald_core::fallback`] for what fallback storage does not guarantee.
+#[derive(Debug, Clone)]
+pub struct SqlitePark {
+    pool: sqlx::SqlitePool,
+    writer: SqliteOutboxWriter,
+}
+
+impl SqlitePark {
+    /// Parks into the outbox table `table` (created by [`migrate`](crate::migrate)).
+    pub fn new(pool: sqlx::SqlitePool, table: &Identifier) -> SqlitePark {
+        SqlitePark {
+            pool,
+            writer: SqliteOutboxWriter::new(table),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl herald_core::Park for SqlitePark {
+    async fn park(&self, messages: &[Message]) -> Result<()> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| crate::error::db("parking messages", e))?;
+        for m in messages {
+            self.writer.enqueue(&mut tx, m).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| crate::error::db("committing parked messages", e))
+    }
+}
