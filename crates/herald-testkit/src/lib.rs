@@ -6,6 +6,7 @@ mod flaky;
 mod history;
 mod proxy;
 pub mod suite;
+pub mod verify;
 
 pub use flaky::FlakyTransport;
 pub use history::{History, Outcome, Verdict};
