@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use herald::relay::FailpointHook;
-use herald::{Failpoint, Relay, RelayConfig};
+use herald::{
+    Claim, DestinationStats, Failpoint, Lease, Message, OutboxStore, RejectionOutcome, Relay,
+    RelayConfig, Subscriber, Subscription, Transport,
+};
 use tracing::{info, warn};
 
 use crate::backends::{self, parse_duration};
@@ -48,7 +51,8 @@ pub struct RelayArgs {
     /// Exit once the outbox is empty (for batch jobs and tests).
     #[arg(long)]
     until_empty: bool,
-    /// Testing only: abort the process at `after-claim` or `after-confirm`.
+    /// Testing only: abort the process at `after-claim`, `mid-batch` (half the batch published
+    /// and confirmed), `after-confirm` or `during-mark` (while the mark's commit is in flight).
     #[arg(long, env = "HERALD_FAILPOINT", hide = true)]
     failpoint: Option<String>,
 }
@@ -73,22 +77,107 @@ impl RelayArgs {
     }
 }
 
-fn failpoint_hook(spec: Option<&str>) -> anyhow::Result<Option<FailpointHook>> {
+fn abort_at(point: &str) -> ! {
+    eprintln!("herald relay: failpoint {point} hit, aborting");
+    std::process::abort();
+}
+
+/// Where `--failpoint` makes the relay abort.
+enum Crash {
+    /// At a point the relay engine reports itself.
+    Engine(Failpoint),
+    /// After half of the first batch was published and confirmed.
+    MidBatch,
+    /// While the first mark's statement and commit are in flight.
+    DuringMark,
+}
+
+fn parse_failpoint(spec: Option<&str>) -> anyhow::Result<Option<Crash>> {
     let Some(spec) = spec else { return Ok(None) };
-    let point = Failpoint::parse(spec).ok_or_else(|| {
-        herald::Error::config(format!(
-            "failpoint {spec:?} is not after-claim or after-confirm"
-        ))
-    })?;
-    Ok(Some(Arc::new(move |hit: Failpoint| {
+    Ok(Some(match spec {
+        "mid-batch" => Crash::MidBatch,
+        "during-mark" => Crash::DuringMark,
+        other => Crash::Engine(Failpoint::parse(other).ok_or_else(|| {
+            herald::Error::config(format!(
+                "failpoint {spec:?} is not after-claim, mid-batch, after-confirm or during-mark"
+            ))
+        })?),
+    }))
+}
+
+fn failpoint_hook(crash: Option<&Crash>) -> Option<FailpointHook> {
+    let Some(Crash::Engine(point)) = crash else {
+        return None;
+    };
+    let point = *point;
+    Some(Arc::new(move |hit: Failpoint| {
         if hit == point {
-            eprintln!(
-                "herald relay: failpoint {spec_dbg:?} hit, aborting",
-                spec_dbg = hit
-            );
-            std::process::abort();
+            abort_at(&format!("{hit:?}"));
         }
-    })))
+    }))
+}
+
+/// Publishes the first half of a batch, waits for its confirmations, then aborts.
+struct MidBatch(Arc<dyn Transport>);
+
+#[async_trait::async_trait]
+impl Transport for MidBatch {
+    async fn publish(&self, batch: &[Message]) -> Vec<herald::Result<()>> {
+        let half = batch.len().div_ceil(2);
+        let _ = self.0.publish(&batch[..half]).await;
+        abort_at("mid-batch")
+    }
+    async fn subscribe(&self, s: &Subscription) -> herald::Result<Box<dyn Subscriber>> {
+        self.0.subscribe(s).await
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// Aborts while the first mark is in flight: after a random sub-millisecond to few-millisecond
+/// delay, whether or not the commit has completed, so both outcomes occur.
+struct DuringMark(Arc<dyn OutboxStore>);
+
+#[async_trait::async_trait]
+impl OutboxStore for DuringMark {
+    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> herald::Result<Claim> {
+        self.0.claim(owner, max, lease).await
+    }
+    async fn complete(&self, lease: &Lease, seqs: &[i64]) -> herald::Result<u64> {
+        let delay = Duration::from_micros(fastrand::u64(100..4000));
+        let inner = self.0.clone();
+        let (lease, seqs) = (*lease, seqs.to_vec());
+        let mark = tokio::spawn(async move { inner.complete(&lease, &seqs).await });
+        tokio::time::sleep(delay).await;
+        let done = mark.is_finished();
+        abort_at(if done {
+            "during-mark (commit returned)"
+        } else {
+            "during-mark (commit in flight)"
+        })
+    }
+    async fn release(&self, lease: &Lease, seqs: &[i64]) -> herald::Result<u64> {
+        self.0.release(lease, seqs).await
+    }
+    async fn record_rejection(
+        &self,
+        lease: &Lease,
+        seq: i64,
+        reason: &str,
+        max_attempts: u32,
+        retry_after: Duration,
+    ) -> herald::Result<RejectionOutcome> {
+        self.0
+            .record_rejection(lease, seq, reason, max_attempts, retry_after)
+            .await
+    }
+    async fn stats(&self) -> herald::Result<Vec<DestinationStats>> {
+        self.0.stats().await
+    }
+    async fn durability_warnings(&self) -> herald::Result<Vec<String>> {
+        self.0.durability_warnings().await
+    }
 }
 
 pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
@@ -97,11 +186,17 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     let db_url = backends::parse_url("database", &args.db.database)?;
     let broker_url = backends::parse_url("broker", &args.broker)?;
     let table = herald::Identifier::new(&args.db.table)?;
-    let hook = failpoint_hook(args.failpoint.as_deref())?;
+    let crash = parse_failpoint(args.failpoint.as_deref())?;
 
     let db = backends::open_database(&db_url, None).await?;
-    let store = backends::open_store(&db, &table).await?;
-    let transport = backends::open_transport(&broker_url).await?;
+    let mut store = backends::open_store(&db, &table).await?;
+    let mut transport = backends::open_transport(&broker_url).await?;
+    match crash {
+        Some(Crash::MidBatch) => transport = Arc::new(MidBatch(transport)),
+        Some(Crash::DuringMark) => store = Arc::new(DuringMark(store)),
+        _ => {}
+    }
+    let hook = failpoint_hook(crash.as_ref());
     for w in store
         .durability_warnings()
         .await

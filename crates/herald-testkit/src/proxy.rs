@@ -25,11 +25,12 @@ pub enum Link {
     Healthy,
     /// Open connections are reset and new ones closed at once, as when the server's host is down.
     Reset,
-    /// Connections stay open but nothing gets through either way, as behind a dropped route:
-    /// clients find out only by their own timeouts.
+    /// Connections stay open but nothing gets through either way, as behind a route that drops
+    /// packets: clients find out only by their own timeouts. Bytes are held, not discarded (TCP
+    /// retransmits them), so they arrive once the link heals.
     Blackhole,
-    /// Bytes in one direction are dropped, the other way still flows: requests reach the server
-    /// but its replies never come back (or the reverse).
+    /// Like [`Link::Blackhole`] in one direction only: requests reach the server but its replies
+    /// (confirmations) are held back, or the reverse.
     Drop(Direction),
     /// Every chunk is held this long before it is forwarded.
     Latency(Duration),
@@ -129,13 +130,22 @@ async fn pump(
                 continue;
             }
         };
-        let link = state.borrow().0;
-        match link {
-            Link::Reset => return,
-            Link::Blackhole => continue,
-            Link::Drop(d) if d == dir => continue,
-            Link::Latency(d) => tokio::time::sleep(d).await,
-            Link::Healthy | Link::Drop(_) => {}
+        // Hold the chunk while the link does not let this direction through.
+        loop {
+            let link = state.borrow().0;
+            match link {
+                Link::Reset => return,
+                Link::Blackhole => {}
+                Link::Drop(d) if d == dir => {}
+                Link::Latency(d) => {
+                    tokio::time::sleep(d).await;
+                    break;
+                }
+                Link::Healthy | Link::Drop(_) => break,
+            }
+            if state.changed().await.is_err() || state.borrow().1 != epoch {
+                return;
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -189,9 +199,17 @@ mod tests {
         assert_eq!(roundtrip(&mut s, short).await.as_deref(), Some(&b"ping"[..]));
 
         proxy.set(Link::Drop(Direction::ToClient));
-        assert_eq!(roundtrip(&mut s, short).await, None, "replies dropped");
+        assert_eq!(roundtrip(&mut s, short).await, None, "replies held back");
         proxy.set(Link::Blackhole);
         assert_eq!(roundtrip(&mut s, short).await, None, "blackholed");
+        // Held bytes arrive once the link heals, as TCP retransmits them.
+        proxy.heal();
+        let mut b = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b))
+            .await
+            .expect("held replies arrive after healing")
+            .unwrap();
+        assert_eq!(&b, b"pingping");
 
         proxy.set(Link::Latency(Duration::from_millis(150)));
         let mut s2 = TcpStream::connect(proxy.addr()).await.unwrap();
