@@ -12,6 +12,7 @@ mod dlq;
 mod relay;
 mod replay;
 mod status;
+mod verify;
 
 /// herald: never fail to publish an event. A transactional outbox relay for PostgreSQL and SQLite,
 /// publishing to RabbitMQ or an embedded broker.
@@ -38,6 +39,9 @@ enum Command {
     Dlq(dlq::DlqArgs),
     /// Measure drain rate, latency, producer tax and database cost against same-run baselines.
     Bench(bench::BenchArgs),
+    /// Prove the guarantees on your own database and broker: a workload under injected faults,
+    /// checked for loss, phantoms, reordering and double effects, beside the naive ways.
+    Verify(verify::VerifyArgs),
 }
 
 /// Where the outbox lives.
@@ -54,7 +58,7 @@ pub struct DbArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; its expected warnings (the injected outage) would drown it.
-    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
+    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Bench(_) | Command::Verify(_)) {
         "error"
     } else {
         "warn,herald=info,herald_core=info"
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Verify(args) => verify::run(args).await,
         }
     });
     // Do not wait for stray background tasks (a consumer blocked on a socket) on the way out.
