@@ -58,7 +58,10 @@ pub struct DbArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own progress; its expected warnings (the injected outage) would drown it.
-    let default_filter = if matches!(cli.command, Command::Demo(_) | Command::Bench(_) | Command::Verify(_)) {
+    // lapin logs every connection the verify faults break at ERROR level; verify reports them.
+    let default_filter = if matches!(cli.command, Command::Verify(_)) {
+        "error,lapin=off,async_nats=off"
+    } else if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
         "error"
     } else {
         "warn,herald=info,herald_core=info"

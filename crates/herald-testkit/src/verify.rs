@@ -82,8 +82,10 @@ pub enum Fault {
     KillBroker,
     /// SIGSTOP the broker process, SIGCONT it when the fault ends.
     PauseBroker,
-    /// The producing application "crashes": transactions that commit meanwhile never get to
-    /// their publish step (matters only for the naive modes; the outbox row is already stored).
+    /// The producing application dies at its most fragile point, over and over for a while:
+    /// between its commit and its publish (save-then-publish, fallback: the message is lost), or
+    /// between its publish and its commit (publish-then-save: the transaction rolls back, the
+    /// event is out). The outbox has no such point: its message commits with the change.
     AppCrash,
 }
 

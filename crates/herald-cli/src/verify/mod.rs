@@ -472,7 +472,7 @@ async fn run_mode_in(
                 keys: args.keys,
                 every: Duration::from_secs_f64(args.producers as f64 / f64::from(args.rate)),
                 deadline,
-                rng: fastrand::Rng::with_seed(seed ^ ((i as u64 + 1) * 0x9e37_79b9_7f4a_7c15)),
+                rng: fastrand::Rng::with_seed(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
             };
             tokio::spawn(produce(ctx))
         })

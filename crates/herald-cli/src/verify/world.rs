@@ -210,7 +210,10 @@ pub async fn transact(
             if let Some(hold) = plan.hold {
                 tokio::time::sleep(hold).await;
             }
-            if plan.rollback || crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            // A crash between publish and commit (publish-then-save) leaves the transaction
+            // to be rolled back by the server.
+            let died = in_tx.is_some() && crashed.load(std::sync::atomic::Ordering::SeqCst);
+            if plan.rollback || died {
                 let _ = tx.rollback().await;
                 return rolled_back(msg);
             }
