@@ -135,8 +135,8 @@ impl Transport for MidBatch {
     }
 }
 
-/// Aborts while the first mark is in flight: after a random sub-millisecond to few-millisecond
-/// delay, whether or not the commit has completed, so both outcomes occur.
+/// Aborts while the first mark is in flight: after a random delay under a millisecond, whether
+/// or not the commit has completed, so both outcomes occur.
 struct DuringMark(Arc<dyn OutboxStore>);
 
 #[async_trait::async_trait]
@@ -145,7 +145,7 @@ impl OutboxStore for DuringMark {
         self.0.claim(owner, max, lease).await
     }
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> herald::Result<u64> {
-        let delay = Duration::from_micros(fastrand::u64(100..4000));
+        let delay = Duration::from_micros(fastrand::u64(0..1000));
         let inner = self.0.clone();
         let (lease, seqs) = (*lease, seqs.to_vec());
         let mark = tokio::spawn(async move { inner.complete(&lease, &seqs).await });

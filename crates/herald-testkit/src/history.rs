@@ -124,6 +124,23 @@ impl History {
         self.dead_letters.insert(id, reason.to_owned());
     }
 
+    /// Every produced message: (id, key, seq, outcome), in no particular order.
+    pub fn produced_records(&self) -> impl Iterator<Item = (Uuid, &str, u64, Outcome)> {
+        self.produced
+            .iter()
+            .map(|(id, (o, k, s))| (*id, k.as_str(), *s, *o))
+    }
+
+    /// Every delivery, in the order recorded: (id, key, seq).
+    pub fn delivery_records(&self) -> impl Iterator<Item = (Uuid, &str, u64)> {
+        self.deliveries.iter().map(|(id, k, s)| (*id, k.as_str(), *s))
+    }
+
+    /// Every applied effect, in commit order: (id, key, seq).
+    pub fn effect_records(&self) -> impl Iterator<Item = (Uuid, &str, u64)> {
+        self.effects.iter().map(|(id, k, s)| (*id, k.as_str(), *s))
+    }
+
     /// Checks the whole history.
     pub fn check(&self) -> Verdict {
         let mut v = Verdict::default();

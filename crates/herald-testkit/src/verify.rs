@@ -89,6 +89,36 @@ pub enum Fault {
     AppCrash,
 }
 
+impl Fault {
+    /// Names of the kinds of fault, as `--faults` takes them.
+    pub const KINDS: [&'static str; 9] = [
+        "kill-relay",
+        "relay-failpoint",
+        "pause-relay",
+        "terminate-sessions",
+        "broker-link",
+        "database-link",
+        "kill-broker",
+        "pause-broker",
+        "app-crash",
+    ];
+
+    /// This fault's kind, one of [`Fault::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::KillRelay => "kill-relay",
+            Fault::RelayFailpoint(_) => "relay-failpoint",
+            Fault::PauseRelay => "pause-relay",
+            Fault::TerminateSessions => "terminate-sessions",
+            Fault::BrokerLink(_) => "broker-link",
+            Fault::DatabaseLink(_) => "database-link",
+            Fault::KillBroker => "kill-broker",
+            Fault::PauseBroker => "pause-broker",
+            Fault::AppCrash => "app-crash",
+        }
+    }
+}
+
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let link = |l: &Link| match l {
@@ -171,13 +201,23 @@ impl FaultPlan {
         }
     }
 
+    /// Keeps only the faults whose [`Fault::kind`] is in `kinds`.
+    pub fn only(mut self, kinds: &[String]) -> FaultPlan {
+        self.faults.retain(|f| kinds.iter().any(|k| k == f.kind()));
+        self
+    }
+
     /// The faults this plan draws from.
     pub fn faults(&self) -> &[Fault] {
         &self.faults
     }
 
-    /// The next fault: how long to wait before it, the fault, and how long it lasts.
-    pub fn next_fault(&mut self) -> (Duration, Fault, Duration) {
+    /// The next fault: how long to wait before it, the fault, and how long it lasts; `None` if
+    /// the plan has no fault to draw from.
+    pub fn next_fault(&mut self) -> Option<(Duration, Fault, Duration)> {
+        if self.faults.is_empty() {
+            return None;
+        }
         let gap = Duration::from_millis(self.rng.u64(200..1200));
         let fault = self.faults[self.rng.usize(..self.faults.len())].clone();
         let hold = match fault {
@@ -185,7 +225,7 @@ impl FaultPlan {
             Fault::PauseRelay => self.lease + Duration::from_millis(self.rng.u64(500..1500)),
             _ => Duration::from_millis(self.rng.u64(200..1500)),
         };
-        (gap, fault, hold)
+        Some((gap, fault, hold))
     }
 
     /// A random index below `n` (which relay to hit), from the plan's own generator.
@@ -352,11 +392,11 @@ mod tests {
         let lease = Duration::from_secs(2);
         let mut a = FaultPlan::new(7, Mode::Outbox, caps, lease);
         let mut b = FaultPlan::new(7, Mode::Outbox, caps, lease);
-        let xs: Vec<_> = (0..50).map(|_| a.next_fault()).collect();
-        let ys: Vec<_> = (0..50).map(|_| b.next_fault()).collect();
+        let xs: Vec<_> = (0..50).map(|_| a.next_fault().unwrap()).collect();
+        let ys: Vec<_> = (0..50).map(|_| b.next_fault().unwrap()).collect();
         assert_eq!(xs, ys);
         let mut c = FaultPlan::new(8, Mode::Outbox, caps, lease);
-        let zs: Vec<_> = (0..50).map(|_| c.next_fault()).collect();
+        let zs: Vec<_> = (0..50).map(|_| c.next_fault().unwrap()).collect();
         assert_ne!(xs, zs);
         // A pause always outlasts the lease.
         assert!(
@@ -375,6 +415,12 @@ mod tests {
         assert!(plan.faults().contains(&Fault::PauseRelay));
         assert!(plan.faults().contains(&Fault::RelayFailpoint("during-mark")));
         assert!(!plan.faults().contains(&Fault::TerminateSessions));
+        let mut plan = plan.only(&["pause-relay".to_owned()]);
+        assert_eq!(plan.faults(), &[Fault::PauseRelay]);
+        let mut none = FaultPlan::new(1, Mode::SaveThenPublish, none, Duration::from_secs(1))
+            .only(&["pause-relay".to_owned()]);
+        assert_eq!(none.next_fault(), None);
+        assert!(plan.next_fault().is_some());
     }
 
     #[test]

@@ -72,10 +72,17 @@ pub struct VerifyArgs {
     /// can also kill -9 and pause it, e.g. "nats-server -p 14222 -js -sd /tmp/verify-nats".
     #[arg(long)]
     broker_command: Option<String>,
+    /// Kinds of fault to inject, comma-separated: kill-relay, relay-failpoint, pause-relay,
+    /// terminate-sessions, broker-link, database-link, kill-broker, pause-broker, app-crash.
+    /// Default: every kind the environment allows.
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
     /// Run without faults (a baseline: every mode should then pass).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "faults")]
     no_faults: bool,
-    /// Also write the results as JSON to DIR/verify.json.
+    /// Also write the results to DIR/verify.json and each mode's full history (every produced
+    /// message and outcome, delivery and applied effect) to DIR/history-<mode>.jsonl, for
+    /// checking with a harness of your own.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -117,6 +124,14 @@ pub async fn run(args: VerifyArgs) -> Result<ExitCode> {
         bail!(herald::Error::config(
             "--producers, --keys, --relays and --rate must be at least 1"
         ));
+    }
+    for f in args.faults.iter().flatten() {
+        if !Fault::KINDS.contains(&f.as_str()) {
+            bail!(herald::Error::config(format!(
+                "unknown fault kind {f:?}: use {}",
+                Fault::KINDS.join(", ")
+            )));
+        }
     }
     if args.broker_command.is_some() && args.broker.is_none() {
         bail!(herald::Error::config(
@@ -266,6 +281,43 @@ fn write_json(
     std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("verify: results written to {}", path.display());
+    Ok(())
+}
+
+/// One JSON object per line: `{"produced": ...}` (outcome as resolved from the ledger),
+/// `{"delivered": ...}` (every delivery, in order), `{"applied": ...}` (effects in commit order),
+/// `{"dead_lettered": ...}`.
+fn write_history(
+    dir: &std::path::Path,
+    mode: Mode,
+    h: &History,
+    verdict: &herald_testkit::Verdict,
+) -> Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("history-{}.jsonl", mode.name()));
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    for (id, key, seq, outcome) in h.produced_records() {
+        let outcome = match outcome {
+            herald_testkit::Outcome::Committed => "committed",
+            herald_testkit::Outcome::RolledBack => "rolled_back",
+            herald_testkit::Outcome::Unknown => "unknown",
+        };
+        let line = serde_json::json!({"produced": {"id": id, "key": key, "version": seq, "outcome": outcome}});
+        writeln!(w, "{line}")?;
+    }
+    for (id, key, seq) in h.delivery_records() {
+        writeln!(w, "{}", serde_json::json!({"delivered": {"id": id, "key": key, "version": seq}}))?;
+    }
+    for (id, key, seq) in h.effect_records() {
+        writeln!(w, "{}", serde_json::json!({"applied": {"id": id, "key": key, "version": seq}}))?;
+    }
+    for (id, reason) in &verdict.dead_lettered {
+        writeln!(w, "{}", serde_json::json!({"dead_lettered": {"id": id, "reason": reason}}))?;
+    }
+    w.flush()?;
     Ok(())
 }
 
@@ -497,6 +549,9 @@ async fn run_mode_in(
         })
     };
     let mut plan = FaultPlan::new(seed, mode, env.caps, args.lease);
+    if let Some(kinds) = &args.faults {
+        plan = plan.only(kinds);
+    }
     if !args.no_faults {
         inject(env, &mut plan, &mut relays, &crashed, &progress, deadline, started).await?;
     }
@@ -561,6 +616,9 @@ async fn run_mode_in(
         h.dead_lettered(*id, reason);
     }
     let verdict = h.check();
+    if let Some(dir) = &args.out {
+        write_history(dir, mode, &h, &verdict)?;
+    }
     Ok((
         ModeResult {
             mode,
@@ -723,8 +781,11 @@ async fn inject(
     started: Instant,
 ) -> Result<()> {
     loop {
-        let (gap, fault, hold) = plan.next_fault();
         let now = Instant::now();
+        let Some((gap, fault, hold)) = plan.next_fault() else {
+            tokio::time::sleep(deadline.saturating_duration_since(now)).await;
+            return Ok(());
+        };
         if now + gap + hold >= deadline {
             tokio::time::sleep(deadline.saturating_duration_since(now)).await;
             return Ok(());
