@@ -94,8 +94,18 @@ fn postgres_rabbitmq_outbox_holds_under_every_fault() {
         let (ok, modes) = verify(
             &dir,
             &[
-                "--database", &pg, "--broker", &amqp, "--duration", "6s", "--seed", "12",
-                "--modes", "outbox", "--faults", faults,
+                "--database",
+                &pg,
+                "--broker",
+                &amqp,
+                "--duration",
+                "6s",
+                "--seed",
+                "12",
+                "--modes",
+                "outbox",
+                "--faults",
+                faults,
             ],
         );
         assert!(ok, "verify exits 0 when the outbox holds ({faults})");
@@ -105,8 +115,18 @@ fn postgres_rabbitmq_outbox_holds_under_every_fault() {
     let (ok, modes) = verify(
         &dir,
         &[
-            "--database", &pg, "--broker", &amqp, "--duration", "3s", "--seed", "13",
-            "--modes", "save-then-publish", "--faults", "app-crash",
+            "--database",
+            &pg,
+            "--broker",
+            &amqp,
+            "--duration",
+            "3s",
+            "--seed",
+            "13",
+            "--modes",
+            "save-then-publish",
+            "--faults",
+            "app-crash",
         ],
     );
     assert!(ok, "no outbox mode ran, so nothing to fail");
@@ -129,18 +149,26 @@ fn postgres_nats_outbox_holds_while_the_broker_is_killed_and_paused() {
         l.local_addr().unwrap().port()
     };
     let store = dir.join("jetstream");
-    let command = format!(
-        "{nats} -a 127.0.0.1 -p {port} -js -sd {}",
-        store.display()
-    );
+    let command = format!("{nats} -a 127.0.0.1 -p {port} -js -sd {}", store.display());
     let broker = format!("nats://127.0.0.1:{port}");
     let pg = pg_url();
     let (ok, modes) = verify(
         &dir,
         &[
-            "--database", &pg, "--broker", &broker, "--broker-command", &command,
-            "--duration", "8s", "--seed", "14", "--modes", "fallback,outbox",
-            "--faults", "kill-broker,pause-broker,kill-relay,relay-failpoint,broker-link",
+            "--database",
+            &pg,
+            "--broker",
+            &broker,
+            "--broker-command",
+            &command,
+            "--duration",
+            "8s",
+            "--seed",
+            "14",
+            "--modes",
+            "fallback,outbox",
+            "--faults",
+            "kill-broker,pause-broker,kill-relay,relay-failpoint,broker-link",
         ],
     );
     assert!(ok, "verify exits 0 when the outbox holds");

@@ -74,15 +74,14 @@ impl FallbackPublisher {
     /// broker does not confirm in time are parked. Errs only when parking failed too: those
     /// messages are then lost unless the caller keeps them.
     pub async fn publish(&self, messages: &[Message]) -> Result<FallbackReport> {
-        let results = match tokio::time::timeout(self.timeout, self.transport.publish(messages))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => fail_all(messages.len(), || Error::Timeout {
-                what: "broker confirmation".to_owned(),
-                after: self.timeout,
-            }),
-        };
+        let results =
+            match tokio::time::timeout(self.timeout, self.transport.publish(messages)).await {
+                Ok(r) => r,
+                Err(_) => fail_all(messages.len(), || Error::Timeout {
+                    what: "broker confirmation".to_owned(),
+                    after: self.timeout,
+                }),
+            };
         let failed: Vec<Message> = messages
             .iter()
             .zip(&results)
@@ -127,7 +126,9 @@ mod tests {
     #[async_trait]
     impl Transport for Down {
         async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
-            fail_all(batch.len(), || Error::unavailable("broker", "connection refused"))
+            fail_all(batch.len(), || {
+                Error::unavailable("broker", "connection refused")
+            })
         }
         async fn subscribe(
             &self,

@@ -133,7 +133,9 @@ impl History {
 
     /// Every delivery, in the order recorded: (id, key, seq).
     pub fn delivery_records(&self) -> impl Iterator<Item = (Uuid, &str, u64)> {
-        self.deliveries.iter().map(|(id, k, s)| (*id, k.as_str(), *s))
+        self.deliveries
+            .iter()
+            .map(|(id, k, s)| (*id, k.as_str(), *s))
     }
 
     /// Every applied effect, in commit order: (id, key, seq).

@@ -196,7 +196,10 @@ mod tests {
         let proxy = ChaosProxy::start(echo_server().await).await.unwrap();
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
         let short = Duration::from_millis(300);
-        assert_eq!(roundtrip(&mut s, short).await.as_deref(), Some(&b"ping"[..]));
+        assert_eq!(
+            roundtrip(&mut s, short).await.as_deref(),
+            Some(&b"ping"[..])
+        );
 
         proxy.set(Link::Drop(Direction::ToClient));
         assert_eq!(roundtrip(&mut s, short).await, None, "replies held back");
@@ -215,7 +218,10 @@ mod tests {
         let mut s2 = TcpStream::connect(proxy.addr()).await.unwrap();
         let t = std::time::Instant::now();
         assert!(roundtrip(&mut s2, Duration::from_secs(2)).await.is_some());
-        assert!(t.elapsed() >= Duration::from_millis(300), "both ways delayed");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "both ways delayed"
+        );
 
         proxy.cut();
         let mut b = [0u8; 1];

@@ -60,7 +60,8 @@ impl Mode {
 }
 
 /// Points where a relay process is made to abort.
-pub const RELAY_FAILPOINTS: [&str; 4] = ["after-claim", "mid-batch", "after-confirm", "during-mark"];
+pub const RELAY_FAILPOINTS: [&str; 4] =
+    ["after-claim", "mid-batch", "after-confirm", "during-mark"];
 
 /// One fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -413,7 +414,10 @@ mod tests {
         assert_eq!(plan.faults(), &[Fault::AppCrash]);
         let plan = FaultPlan::new(1, Mode::Outbox, none, Duration::from_secs(1));
         assert!(plan.faults().contains(&Fault::PauseRelay));
-        assert!(plan.faults().contains(&Fault::RelayFailpoint("during-mark")));
+        assert!(
+            plan.faults()
+                .contains(&Fault::RelayFailpoint("during-mark"))
+        );
         assert!(!plan.faults().contains(&Fault::TerminateSessions));
         let mut plan = plan.only(&["pause-relay".to_owned()]);
         assert_eq!(plan.faults(), &[Fault::PauseRelay]);

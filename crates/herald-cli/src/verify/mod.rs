@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use herald::{
-    Consumer, ConsumerConfig, FallbackPublisher, Message, SecretUrl, Subscription,
-    Transport,
+    Consumer, ConsumerConfig, FallbackPublisher, Message, SecretUrl, Subscription, Transport,
 };
 use herald_testkit::verify::{
     Capabilities, Fault, FaultPlan, Mode, ModeResult, RecordingTransport, table,
@@ -28,7 +27,7 @@ use herald_testkit::{ChaosProxy, History};
 
 use crate::backends::{self, Database, parse_duration};
 use procs::{BrokerProc, RelayProc, RelaySpec};
-use world::{Plan, Step, Tables};
+use world::{Carry, Plan, Step, Tables};
 
 /// Flags of `herald verify`.
 #[derive(Args)]
@@ -48,7 +47,10 @@ pub struct VerifyArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Modes to run, comma-separated: publish-then-save, save-then-publish, fallback, outbox.
-    #[arg(long, default_value = "publish-then-save,save-then-publish,fallback,outbox")]
+    #[arg(
+        long,
+        default_value = "publish-then-save,save-then-publish,fallback,outbox"
+    )]
     modes: String,
     /// Business transactions per second, over all producers.
     #[arg(long, default_value_t = 200)]
@@ -187,7 +189,10 @@ async fn run_all(
     }
 
     let rows: Vec<ModeResult> = results.iter().map(|(r, _)| r.clone()).collect();
-    println!("\nverify: seed {seed}, {:?} of faults per mode", args.duration);
+    println!(
+        "\nverify: seed {seed}, {:?} of faults per mode",
+        args.duration
+    );
     print!("{}", table(&rows));
     for d in &durability {
         println!("durability: {d}");
@@ -309,13 +314,25 @@ fn write_history(
         writeln!(w, "{line}")?;
     }
     for (id, key, seq) in h.delivery_records() {
-        writeln!(w, "{}", serde_json::json!({"delivered": {"id": id, "key": key, "version": seq}}))?;
+        writeln!(
+            w,
+            "{}",
+            serde_json::json!({"delivered": {"id": id, "key": key, "version": seq}})
+        )?;
     }
     for (id, key, seq) in h.effect_records() {
-        writeln!(w, "{}", serde_json::json!({"applied": {"id": id, "key": key, "version": seq}}))?;
+        writeln!(
+            w,
+            "{}",
+            serde_json::json!({"applied": {"id": id, "key": key, "version": seq}})
+        )?;
     }
     for (id, reason) in &verdict.dead_lettered {
-        writeln!(w, "{}", serde_json::json!({"dead_lettered": {"id": id, "reason": reason}}))?;
+        writeln!(
+            w,
+            "{}",
+            serde_json::json!({"dead_lettered": {"id": id, "reason": reason}})
+        )?;
     }
     w.flush()?;
     Ok(())
@@ -373,8 +390,15 @@ async fn open_env(args: &VerifyArgs, run: &str, tmp: &std::path::Path) -> Result
     let broker_proc = match &args.broker_command {
         Some(cmd) => {
             let port = broker_default_port
-                .map(|d| url::Url::parse(broker_url.expose()).ok().and_then(|u| u.port()).unwrap_or(d))
-                .ok_or_else(|| herald::Error::config("--broker-command needs a network broker URL"))?;
+                .map(|d| {
+                    url::Url::parse(broker_url.expose())
+                        .ok()
+                        .and_then(|u| u.port())
+                        .unwrap_or(d)
+                })
+                .ok_or_else(|| {
+                    herald::Error::config("--broker-command needs a network broker URL")
+                })?;
             Some(tokio::sync::Mutex::new(
                 BrokerProc::start(cmd, port, tmp.join("broker.log")).await?,
             ))
@@ -479,7 +503,12 @@ async fn run_mode_in(
 
     // The consumer subscribes first, so its queue or stream exists before anything is published.
     let consumer = consumer(env, tables, topic, history.clone())?;
-    drop(consumer.subscribe().await.context("subscribing the consumer")?);
+    drop(
+        consumer
+            .subscribe()
+            .await
+            .context("subscribing the consumer")?,
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let consuming = {
         let (c, mut stop) = (consumer.clone(), stop_rx.clone());
@@ -524,7 +553,9 @@ async fn run_mode_in(
                 keys: args.keys,
                 every: Duration::from_secs_f64(args.producers as f64 / f64::from(args.rate)),
                 deadline,
-                rng: fastrand::Rng::with_seed(seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                rng: fastrand::Rng::with_seed(
+                    seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                ),
             };
             tokio::spawn(produce(ctx))
         })
@@ -553,7 +584,16 @@ async fn run_mode_in(
         plan = plan.only(kinds);
     }
     if !args.no_faults {
-        inject(env, &mut plan, &mut relays, &crashed, &progress, deadline, started).await?;
+        inject(
+            env,
+            &mut plan,
+            &mut relays,
+            &crashed,
+            &progress,
+            deadline,
+            started,
+        )
+        .await?;
     }
     for p in producers {
         p.await?;
@@ -705,10 +745,9 @@ async fn produce(mut ctx: ProducerCtx) {
     });
     let fallback = (ctx.mode == Mode::Fallback).then(|| {
         let park: Arc<dyn herald::Park> = match &env.app {
-            Database::Postgres(p) => Arc::new(herald::postgres::PgPark::new(
-                p.clone(),
-                &ctx.tables.outbox,
-            )),
+            Database::Postgres(p) => {
+                Arc::new(herald::postgres::PgPark::new(p.clone(), &ctx.tables.outbox))
+            }
             Database::Sqlite(p) => Arc::new(herald::sqlite::SqlitePark::new(
                 p.clone(),
                 &ctx.tables.outbox,
@@ -733,8 +772,11 @@ async fn produce(mut ctx: ProducerCtx) {
             &ctx.tables,
             &ctx.topic,
             &agg,
-            ctx.mode == Mode::Outbox,
-            in_tx.as_ref(),
+            match (&in_tx, ctx.mode) {
+                (Some(publish), _) => Carry::PublishFirst(publish),
+                (None, Mode::Outbox) => Carry::Outbox,
+                (None, _) => Carry::Nothing,
+            },
             plan,
             &ctx.crashed,
         )
@@ -742,12 +784,10 @@ async fn produce(mut ctx: ProducerCtx) {
         let Step::Done(msg, version, outcome) = step else {
             continue;
         };
-        ctx.history.lock().expect("history lock").produced(
-            msg.id,
-            &agg,
-            version as u64,
-            outcome,
-        );
+        ctx.history
+            .lock()
+            .expect("history lock")
+            .produced(msg.id, &agg, version as u64, outcome);
         if outcome != herald_testkit::Outcome::Committed {
             continue;
         }
@@ -896,4 +936,3 @@ async fn heal(env: &Env, relays: &mut [RelayProc], crashed: &AtomicBool) -> Resu
     }
     Ok(())
 }
-

@@ -74,7 +74,14 @@ impl RelayProc {
             .args(["--relay-id", &self.id])
             .args(["--lease", &format!("{lease_ms}ms")])
             .args(["--publish-timeout", &format!("{}ms", lease_ms * 2 / 5)])
-            .args(["--poll-interval", "20ms", "--workers", "1", "--batch-size", "64"])
+            .args([
+                "--poll-interval",
+                "20ms",
+                "--workers",
+                "1",
+                "--batch-size",
+                "64",
+            ])
             .env("HERALD_DATABASE_URL", &self.spec.database)
             .env("HERALD_BROKER_URL", &self.spec.broker)
             .env("HERALD_LOG", "warn")

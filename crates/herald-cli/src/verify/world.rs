@@ -115,9 +115,11 @@ pub async fn teardown(db: &Database, t: &Tables) {
             format!("{o}_inbox_version"),
             format!("{o}_consumer_dead_letter"),
         ] {
-            let _ = sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {table} CASCADE")))
-                .execute(p)
-                .await;
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP TABLE IF EXISTS {table} CASCADE"
+            )))
+            .execute(p)
+            .await;
         }
     }
 }
@@ -141,7 +143,18 @@ pub enum Step {
     /// Failed before a version was assigned: no message exists.
     NoMessage,
     /// The message exists with this version; the transaction's outcome follows.
-    Done(Message, i64, herald_testkit::Outcome),
+    Done(Box<Message>, i64, herald_testkit::Outcome),
+}
+
+/// What the transaction does with its message besides the ledger row.
+#[derive(Clone, Copy)]
+pub enum Carry<'a> {
+    /// Writes it into the outbox (herald's way).
+    Outbox,
+    /// Publishes it before committing (publish-then-save).
+    PublishFirst(&'a InTx),
+    /// Nothing: it is published after the commit, if at all.
+    Nothing,
 }
 
 /// What publish-then-save runs inside the transaction, after the message is built: it answers
@@ -159,8 +172,7 @@ pub async fn transact(
     t: &Tables,
     topic: &str,
     agg: &str,
-    outbox: bool,
-    in_tx: Option<&InTx>,
+    carry: Carry<'_>,
     plan: Plan,
     crashed: &std::sync::atomic::AtomicBool,
 ) -> Step {
@@ -187,7 +199,7 @@ pub async fn transact(
                 Err(_) => return Step::NoMessage,
             };
             let msg = event(topic, agg, version);
-            let rolled_back = |m: Message| Step::Done(m, version, Outcome::RolledBack);
+            let rolled_back = |m: Message| Step::Done(Box::new(m), version, Outcome::RolledBack);
             if sqlx::query(AssertSqlSafe(ledger.as_str()))
                 .bind(msg.id.to_string())
                 .bind(agg)
@@ -198,29 +210,35 @@ pub async fn transact(
             {
                 return rolled_back(msg);
             }
-            if outbox && $writer.enqueue(&mut tx, &msg).await.is_err() {
-                return rolled_back(msg);
-            }
-            if let Some(hook) = in_tx {
-                if !hook(msg.clone()).await {
-                    let _ = tx.rollback().await;
-                    return rolled_back(msg);
+            match carry {
+                Carry::Outbox => {
+                    if $writer.enqueue(&mut tx, &msg).await.is_err() {
+                        return rolled_back(msg);
+                    }
                 }
+                Carry::PublishFirst(publish) => {
+                    if !publish(msg.clone()).await {
+                        let _ = tx.rollback().await;
+                        return rolled_back(msg);
+                    }
+                }
+                Carry::Nothing => {}
             }
             if let Some(hold) = plan.hold {
                 tokio::time::sleep(hold).await;
             }
             // A crash between publish and commit (publish-then-save) leaves the transaction
             // to be rolled back by the server.
-            let died = in_tx.is_some() && crashed.load(std::sync::atomic::Ordering::SeqCst);
+            let died = matches!(carry, Carry::PublishFirst(_))
+                && crashed.load(std::sync::atomic::Ordering::SeqCst);
             if plan.rollback || died {
                 let _ = tx.rollback().await;
                 return rolled_back(msg);
             }
             match tx.commit().await {
-                Ok(()) => Step::Done(msg, version, Outcome::Committed),
+                Ok(()) => Step::Done(Box::new(msg), version, Outcome::Committed),
                 // The commit was sent; whether it landed is for the ledger to say.
-                Err(_) => Step::Done(msg, version, Outcome::Unknown),
+                Err(_) => Step::Done(Box::new(msg), version, Outcome::Unknown),
             }
         }};
     }
