@@ -181,6 +181,7 @@ impl OutboxStore for DuringMark {
 }
 
 pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_signal();
     // Everything that can be wrong with the configuration is checked before connecting.
     let config = args.config()?;
     let db_url = backends::parse_url("database", &args.db.database)?;
@@ -212,10 +213,15 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     let relay = Relay::with_failpoint(store.clone(), transport, config, hook)?;
     let started = Instant::now();
     let result = if args.until_empty {
-        drain(&relay).await
+        // A signal stops the drain between statements; rows in flight stay leased and are
+        // published again after their lease (duplicates, never losses).
+        tokio::select! {
+            r = drain(&relay) => r,
+            () = shutdown => Ok(()),
+        }
     } else {
         let reporter = tokio::spawn(report_progress(relay.clone()));
-        let result = relay.run(shutdown_signal()).await;
+        let result = relay.run(shutdown).await;
         reporter.abort();
         result.map_err(Into::into)
     };
@@ -265,12 +271,16 @@ async fn report_progress(relay: Relay) {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now (so a signal that arrives while the relay is still
+/// connecting is not fatal) and returns a future that completes on either.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received; finishing in-flight batches"),
-        _ = tokio::signal::ctrl_c() => info!("interrupt received; finishing in-flight batches"),
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received; finishing in-flight batches"),
+            _ = int.recv() => info!("interrupt received; finishing in-flight batches"),
+        }
     }
 }

@@ -31,6 +31,7 @@ pub struct History {
     deliveries: Vec<(Uuid, String, u64)>,
     effects: Vec<(Uuid, String, u64)>,
     dead_letters: HashMap<Uuid, String>,
+    settled: usize,
 }
 
 /// The checker's verdict.
@@ -42,6 +43,9 @@ pub struct Verdict {
     pub rolled_back: usize,
     /// Messages whose outcome was never learned nor resolved.
     pub unknown: usize,
+    /// Unknown outcomes settled by [`History::resolve`] (counted in `committed` or
+    /// `rolled_back` too).
+    pub settled: usize,
     /// Distinct messages delivered.
     pub delivered: usize,
     /// Deliveries beyond the first of a message.
@@ -97,6 +101,7 @@ impl History {
         let mut found = 0;
         for (id, (outcome, _, _)) in self.produced.iter_mut() {
             if *outcome == Outcome::Unknown {
+                self.settled += 1;
                 *outcome = if committed(id) {
                     found += 1;
                     Outcome::Committed
@@ -145,7 +150,10 @@ impl History {
 
     /// Checks the whole history.
     pub fn check(&self) -> Verdict {
-        let mut v = Verdict::default();
+        let mut v = Verdict {
+            settled: self.settled,
+            ..Verdict::default()
+        };
         for (outcome, _, _) in self.produced.values() {
             match outcome {
                 Outcome::Committed => v.committed += 1,
@@ -332,7 +340,10 @@ mod tests {
         h.delivered(id[0], "a", 1);
         h.delivered(id[2], "c", 1);
         let v = h.check();
-        assert_eq!((v.committed, v.rolled_back, v.unknown), (2, 1, 0));
+        assert_eq!(
+            (v.committed, v.rolled_back, v.unknown, v.settled),
+            (2, 1, 0, 3)
+        );
         assert_eq!(v.lost, vec![id[1]]);
         assert_eq!(v.phantom, vec![id[2]]);
     }

@@ -363,7 +363,7 @@ pub fn table(results: &[ModeResult]) -> String {
             r.mode.name(),
             v.committed,
             v.rolled_back,
-            v.unknown,
+            v.unknown + v.settled,
             v.delivered,
             v.lost.len(),
             v.phantom.len(),

@@ -257,7 +257,7 @@ fn write_json(
                 "mode": r.mode.name(),
                 "committed": v.committed,
                 "rolled_back": v.rolled_back,
-                "unknown": v.unknown,
+                "unknown": v.unknown + v.settled,
                 "delivered": v.delivered,
                 "lost": v.lost.len(),
                 "phantom": v.phantom.len(),
