@@ -143,6 +143,9 @@ pub struct ConsumerCounters {
     pub dead_lettered: AtomicU64,
     /// Dead letters replayed successfully.
     pub replayed: AtomicU64,
+    /// Acknowledgements that failed after the effect committed (the broker redelivers those
+    /// messages; the inbox skips them).
+    pub ack_failures: AtomicU64,
 }
 
 /// Runs one service's subscription through an [`Apply`].
@@ -338,7 +341,11 @@ impl Consumer {
             };
             match received {
                 Ok(r) => {
-                    self.handle(sub.as_mut(), r).await?;
+                    let tag = r.tag();
+                    self.process(r).await?;
+                    if let Err(e) = sub.ack(tag).await {
+                        self.ack_failed(sub, e).await?;
+                    }
                 }
                 Err(e) => self.resubscribe(sub, e).await?,
             }
@@ -354,17 +361,24 @@ impl Consumer {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<()> {
         let n = self.inner.config.concurrency;
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<u64>>();
+        // Tags are only meaningful to the subscriber that handed them out: each delivery carries
+        // the generation of its subscriber, and a tag from before a resubscription is not acked
+        // (the broker redelivers that message and the inbox recognises it).
+        type Done = (u64, Result<u64>);
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
         let mut lanes = Vec::with_capacity(n);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..n {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Received>();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Received)>();
             lanes.push(tx);
             let (me, done) = (self.clone(), done_tx.clone());
             workers.spawn(async move {
-                while let Some(r) = rx.recv().await {
+                while let Some((generation, r)) = rx.recv().await {
                     let tag = r.tag();
-                    if done.send(me.process(r).await.map(|_| tag)).is_err() {
+                    if done
+                        .send((generation, me.process(r).await.map(|_| tag)))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -373,14 +387,19 @@ impl Consumer {
         let limit = usize::from(self.inner.subscription.prefetch.max(1));
         let mut in_flight = 0usize;
         let mut next_lane = 0usize;
+        let mut generation = 0u64;
         let outcome = loop {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break Ok(()),
-                Some(done) = done_rx.recv() => {
+                Some((of, done)) = done_rx.recv() => {
                     in_flight -= 1;
                     match done {
-                        Ok(tag) => if let Err(e) = sub.ack(tag).await { break Err(e) },
+                        Ok(tag) if of == generation => if let Err(e) = sub.ack(tag).await {
+                            if let Err(e) = self.ack_failed(sub, e).await { break Err(e) }
+                            generation += 1;
+                        },
+                        Ok(_) => {}
                         Err(e) => break Err(e),
                     }
                 }
@@ -394,22 +413,39 @@ impl Consumer {
                             Received::Undecodable(_) => 0,
                         };
                         in_flight += 1;
-                        let _ = lanes[lane].send(r);
+                        let _ = lanes[lane].send((generation, r));
                     }
-                    Err(e) => if let Err(e) = self.resubscribe(sub, e).await { break Err(e) },
+                    Err(e) => {
+                        if let Err(e) = self.resubscribe(sub, e).await { break Err(e) }
+                        generation += 1;
+                    }
                 },
             }
         };
         // Let the deliveries being applied finish and acknowledge them before returning.
         drop(lanes);
         drop(done_tx);
-        while let Some(done) = done_rx.recv().await {
-            if let Ok(tag) = done {
+        while let Some((of, done)) = done_rx.recv().await {
+            if let (Ok(tag), true) = (done, of == generation) {
                 let _ = sub.ack(tag).await;
             }
         }
         while workers.join_next().await.is_some() {}
         outcome
+    }
+
+    /// An acknowledgement failed after the effect committed. If the broker is only unreachable,
+    /// the message will be redelivered and the inbox recognises it: resubscribe and go on.
+    async fn ack_failed(&self, sub: &mut Box<dyn Subscriber>, e: Error) -> Result<()> {
+        if !e.is_transient() {
+            return Err(e);
+        }
+        warn!(error = %e.chain(), "acknowledgement failed; the message will be redelivered and recognised by the inbox");
+        self.inner
+            .counters
+            .ack_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.resubscribe(sub, e).await
     }
 
     async fn resubscribe(&self, sub: &mut Box<dyn Subscriber>, e: Error) -> Result<()> {

@@ -358,6 +358,137 @@ pub async fn undecodable_delivery_is_dead_lettered_and_consumer_continues(h: &dy
     assert!(dead[0].1.contains("cannot decode"), "{dead:?}");
 }
 
+/// A transport whose subscribers fail their first acknowledgement as if the broker had gone away
+/// (the broker never sees that ack).
+struct AckFailsOnce {
+    inner: Arc<dyn Transport>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Transport for AckFailsOnce {
+    async fn publish(&self, batch: &[Message]) -> Vec<herald_core::Result<()>> {
+        self.inner.publish(batch).await
+    }
+    async fn subscribe(&self, s: &Subscription) -> herald_core::Result<Box<dyn Subscriber>> {
+        Ok(Box::new(AckFailsOnceSub {
+            inner: self.inner.subscribe(s).await?,
+            failed: self.failed.clone(),
+        }))
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+struct AckFailsOnceSub {
+    inner: Box<dyn Subscriber>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Subscriber for AckFailsOnceSub {
+    async fn next(&mut self) -> herald_core::Result<herald_core::Received> {
+        self.inner.next().await
+    }
+    async fn ack(&mut self, tag: u64) -> herald_core::Result<()> {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(herald_core::Error::unavailable(
+                "broker (acknowledging)",
+                "connection lost (injected by the test)",
+            ));
+        }
+        self.inner.ack(tag).await
+    }
+    async fn nack(&mut self, tag: u64) -> herald_core::Result<()> {
+        self.inner.nack(tag).await
+    }
+}
+
+async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
+    let sub = Subscription::events(h.unique("ackfail"), "svc");
+    let transport: Arc<dyn Transport> = Arc::new(AckFailsOnce {
+        inner: h.transport().await,
+        failed: Arc::default(),
+    });
+    let c = Consumer::new(
+        transport,
+        h.applier(&sub.service, None),
+        sub.clone(),
+        ConsumerConfig {
+            concurrency,
+            ..config()
+        },
+    )
+    .unwrap();
+    drop(c.subscribe().await.unwrap());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = {
+        let (c, mut stopped) = (c.clone(), stopped.clone());
+        tokio::spawn(async move {
+            c.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
+    let t = h.transport().await;
+    let msgs: Vec<Message> = (0..6)
+        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 3)))
+        .collect();
+    publish(&t, &msgs[..3]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while h.effects("svc").await.len() < 3 {
+        assert!(
+            !running.is_finished(),
+            "the consumer stopped: {:?}",
+            running.await
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first messages not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // After the failed acknowledgement the consumer goes on with new messages.
+    publish(&t, &msgs[3..]).await;
+    while h.effects("svc").await.len() < 6 {
+        assert!(
+            !running.is_finished(),
+            "the consumer stopped: {:?}",
+            running.await
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "later messages not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    running.await.unwrap().expect("the consumer ends cleanly");
+    assert_eq!(
+        c.counters()
+            .ack_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let effects = h.effects("svc").await;
+    let unique: std::collections::HashSet<_> = effects.iter().map(|e| e.0).collect();
+    assert_eq!((effects.len(), unique.len()), (6, 6), "each effect once");
+}
+
+/// An acknowledgement fails after the effect committed (the broker went away): the consumer
+/// resubscribes and goes on, and nothing is applied twice.
+pub async fn failed_ack_does_not_stop_the_consumer(h: &dyn ConsumerHarness) {
+    survives_a_failed_ack(h, 1).await;
+}
+
+/// The same with keyed lanes: acks of deliveries from the lost subscription are not sent to the
+/// new one.
+pub async fn failed_ack_does_not_stop_a_laned_consumer(h: &dyn ConsumerHarness) {
+    survives_a_failed_ack(h, 4).await;
+}
+
 /// Runs every check of the consumer suite, each against a fresh harness from `make`.
 #[macro_export]
 macro_rules! consumer_suite {
@@ -371,6 +502,8 @@ macro_rules! consumer_suite {
         $crate::consumer_suite!(@one $make, per_key_order_within_a_group);
         $crate::consumer_suite!(@one $make, concurrent_consumer_keeps_key_order);
         $crate::consumer_suite!(@one $make, undecodable_delivery_is_dead_lettered_and_consumer_continues);
+        $crate::consumer_suite!(@one $make, failed_ack_does_not_stop_the_consumer);
+        $crate::consumer_suite!(@one $make, failed_ack_does_not_stop_a_laned_consumer);
     };
     (@one $make:expr, $name:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
