@@ -433,7 +433,22 @@ async fn open_env(args: &VerifyArgs, run: &str, tmp: &std::path::Path) -> Result
         ))),
     };
 
-    let consumer_transport = backends::open_transport(&broker_url).await?;
+    // Redeliver unacknowledged messages after 5 s (not the default 30 s), so that the settle
+    // time of the naive modes' drain (8 s without progress) outlasts a redelivery.
+    let consumer_transport: Arc<dyn Transport> = match broker_url.scheme() {
+        "nats" | "tls" => Arc::new(
+            herald::nats::NatsTransport::connect(broker_url.clone())
+                .await?
+                .with_ack_wait(REDELIVERY),
+        ),
+        "sqlite" => Arc::new(
+            herald::embedded::EmbeddedTransport::open(broker_url.expose())
+                .await
+                .with_context(|| format!("cannot open the embedded broker at {broker_url}"))?
+                .with_visibility_timeout(REDELIVERY),
+        ),
+        _ => backends::open_transport(&broker_url).await?,
+    };
     let (producer_transport, relay_broker, broker_proxy) = match broker_default_port {
         Some(port) => {
             let proxy = ChaosProxy::start(target(&broker_url, port).await?).await?;
@@ -616,7 +631,7 @@ async fn run_mode_in(
         if pending != last.0 {
             last = (pending, Instant::now());
         } else if mode != Mode::Outbox
-            && last.1.elapsed() > Duration::from_secs(3)
+            && last.1.elapsed() > SETTLE
             && world::outbox_depth(&env.observer, tables).await? == 0
         {
             // Nothing is on its way any more: what is missing is lost.
@@ -725,6 +740,10 @@ struct ProducerCtx {
 }
 
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon the broker redelivers a message whose acknowledgement was lost.
+const REDELIVERY: Duration = Duration::from_secs(5);
+/// How long the naive modes' backlog may make no progress before what is missing counts as lost.
+const SETTLE: Duration = Duration::from_secs(8);
 
 async fn publish_once(transport: &Arc<dyn Transport>, m: &Message) -> bool {
     matches!(
