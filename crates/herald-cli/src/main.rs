@@ -1,4 +1,4 @@
-//! The `herald` command: migrate, relay, status, demo.
+//! The `herald` command: migrate, relay, status, replay, dlq, demo, bench, verify.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,7 +15,7 @@ mod status;
 mod verify;
 
 /// herald: never fail to publish an event. A transactional outbox relay for PostgreSQL and SQLite,
-/// publishing to RabbitMQ or an embedded broker.
+/// publishing to RabbitMQ, NATS JetStream or an embedded broker.
 #[derive(Parser)]
 #[command(name = "herald", version, about)]
 struct Cli {
