@@ -4,9 +4,13 @@
 //!
 //! * **Claims are committed leases.** [`OutboxStore::claim`] commits the lease before it returns;
 //!   nothing is held open across publishing. Each claim gets a fresh fencing token.
-//! * **Head-of-key claiming.** A row is claimable only if no earlier row with the same ordering key
-//!   is under a live lease, and a claim takes rows in id order, so the rows of one key that a relay
-//!   holds are always the oldest pending ones of that key, and no other relay holds any. Claims are
+//! * **Head-of-key claiming.** A row is claimable only if no row with the same ordering key is
+//!   under a live lease (or waiting out a retry delay), and a claim takes rows in id order, so the
+//!   rows of one key that a relay holds are always the oldest pending ones of that key, and no
+//!   other relay holds any. (Leased rows of a key are always its oldest pending ones, so "no
+//!   leased row of the key" and "no earlier leased row" select the same rows; the first is
+//!   cheaper to evaluate, and also holds back a late-committing row with a lower id while a
+//!   later row of its key is in flight.) Claims are
 //!   serialised against each other so that two relays cannot both see a key as free.
 //! * **No high-water mark.** Every pending row is claimable whatever its id, so a transaction
 //!   that took a low id and committed late is published all the same.

@@ -21,6 +21,9 @@ CREATE TABLE IF NOT EXISTS herald_outbox (
 );
 
 CREATE INDEX IF NOT EXISTS herald_outbox_key_idx ON herald_outbox (ordering_key, id);
+-- The rows under a live lease (or waiting out a retry delay): few, read once per claim to find
+-- the keys that are busy.
+CREATE INDEX IF NOT EXISTS herald_outbox_leased_idx ON herald_outbox (lease_until) WHERE lease_until IS NOT NULL;
 
 -- Every published row is deleted, so the table is a queue: vacuum it after a fixed number of dead
 -- rows rather than a fraction of its (small) size, and without cost-based throttling.

@@ -47,13 +47,16 @@ impl Sql {
                     (extract(epoch FROM created_at) * 1000000)::bigint AS created_at, attempts";
         Ok(Sql {
             // Head-of-key claiming (see herald_core::store): free rows in id order whose key has no
-            // earlier row under a live lease.
+            // row under a live lease. The leased keys are read once per claim (a hashed subplan
+            // over the small partial index `<table>_leased_idx`), not once per candidate row: a
+            // per-row probe of the key index walked every dead entry of the key's published rows
+            // and cost 50 ms per claim half-way through a 100k drain (0.5 ms now).
             claim: format!(
                 "UPDATE \"{t}\" SET lease_owner = $1, lease_token = $2, lease_until = now() + $3 * interval '1 microsecond' \
                  WHERE id IN (SELECT o.id FROM \"{t}\" o \
                    WHERE (o.lease_until IS NULL OR o.lease_until < now()) \
-                     AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM \"{t}\" e \
-                          WHERE e.ordering_key = o.ordering_key AND e.id < o.id AND e.lease_until >= now())) \
+                     AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM \"{t}\" e \
+                          WHERE e.lease_until >= now() AND e.ordering_key IS NOT NULL)) \
                    ORDER BY o.id LIMIT $4) \
                  RETURNING {cols}"
             ),

@@ -44,15 +44,16 @@ impl Sql {
         let cols = "id, message_id, kind, message_type, source, destination, ordering_key, headers, content_type, \
                     CAST(payload AS BLOB) AS payload, created_at, attempts";
         Ok(Sql {
-            // Head-of-key claiming: a row is free if unleased (or its lease expired) and no
-            // earlier row of its key is under a live lease. Taking rows in id order keeps the
-            // claimed rows of each key a prefix of that key's pending rows.
+            // Head-of-key claiming: a row is free if unleased (or its lease expired) and no row
+            // of its key is under a live lease; the busy keys are read once per claim through
+            // the partial index `<table>_leased_idx`. Taking rows in id order keeps the claimed
+            // rows of each key a prefix of that key's pending rows.
             claim: format!(
                 "UPDATE \"{t}\" SET lease_owner = ?1, lease_token = ?2, lease_until = ?3 \
                  WHERE id IN (SELECT o.id FROM \"{t}\" o \
                    WHERE (o.lease_until IS NULL OR o.lease_until < ?4) \
-                     AND (o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM \"{t}\" e \
-                          WHERE e.ordering_key = o.ordering_key AND e.id < o.id AND e.lease_until >= ?4)) \
+                     AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM \"{t}\" e \
+                          WHERE e.lease_until >= ?4 AND e.ordering_key IS NOT NULL)) \
                    ORDER BY o.id LIMIT ?5) \
                  RETURNING {cols}"
             ),
