@@ -150,6 +150,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
 /// Everything measured in one run.
 pub struct Results {
     pub raw_publish: Option<scenarios::Rate>,
+    pub db_ceiling: Option<scenarios::Rate>,
     pub drain: Option<scenarios::Rate>,
     pub steady: Vec<scenarios::Steady>,
     pub business: Option<scenarios::Rate>,
@@ -161,6 +162,7 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
     let skip = |s: &str| args.skip.iter().any(|k| k == s);
     let mut r = Results {
         raw_publish: None,
+        db_ceiling: None,
         drain: None,
         steady: Vec::new(),
         business: None,
@@ -169,6 +171,7 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
     };
     if !skip("drain") {
         r.raw_publish = Some(scenarios::raw_publish(env, args.messages).await?);
+        r.db_ceiling = Some(scenarios::db_ceiling(env, args.messages).await?);
         r.drain = Some(scenarios::drain(env, args.messages).await?);
     }
     if !skip("steady") {

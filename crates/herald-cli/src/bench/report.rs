@@ -33,6 +33,11 @@ impl Report {
             results.drain.as_ref().map(|r| r.per_second),
             results.raw_publish.as_ref().map(|r| r.per_second),
         );
+        let ceiling = match (&results.raw_publish, &results.db_ceiling) {
+            (Some(a), Some(b)) => Some(a.per_second.min(b.per_second)),
+            (a, b) => a.as_ref().or(b.as_ref()).map(|r| r.per_second),
+        };
+        let drain_vs_ceiling = ratio(results.drain.as_ref().map(|r| r.per_second), ceiling);
         let tax_ratio = ratio(
             results.with_outbox.as_ref().map(|r| r.per_second),
             results.business.as_ref().map(|r| r.per_second),
@@ -52,6 +57,8 @@ impl Report {
             "raw_publish": results.raw_publish,
             "drain": results.drain,
             "drain_vs_raw_publish": drain_ratio,
+            "db_ceiling": results.db_ceiling,
+            "drain_vs_lower_ceiling": drain_vs_ceiling,
             "steady": results.steady,
             "business_only": results.business,
             "business_plus_outbox": results.with_outbox,
@@ -71,9 +78,15 @@ impl Report {
         println!("{}", self.json["settings"].as_str().unwrap_or_default());
         println!();
         println!("{:<44} {:>12} {:>10}", "throughput", "msg/s", "count");
-        for rate in [&r.raw_publish, &r.drain, &r.business, &r.with_outbox]
-            .into_iter()
-            .flatten()
+        for rate in [
+            &r.raw_publish,
+            &r.db_ceiling,
+            &r.drain,
+            &r.business,
+            &r.with_outbox,
+        ]
+        .into_iter()
+        .flatten()
         {
             println!(
                 "{:<44} {:>12.0} {:>10}",
@@ -88,6 +101,12 @@ impl Report {
         }
         if let Some(x) = self.json["drain_vs_raw_publish"].as_f64() {
             println!("drain / raw publish: {:.0}%", x * 100.0);
+        }
+        if let Some(x) = self.json["drain_vs_lower_ceiling"].as_f64() {
+            println!(
+                "drain / lower of the two ceilings (broker, database): {:.0}%",
+                x * 100.0
+            );
         }
         if let Some(x) = self.json["producer_tax_ratio"].as_f64() {
             println!("business+outbox / business-only: {:.0}%", x * 100.0);

@@ -156,15 +156,48 @@ pub async fn raw_publish(env: &Env, n: u64) -> Result<Rate> {
     ))
 }
 
+/// A broker that confirms everything at once and keeps nothing: the relay against it measures
+/// what the database side alone allows (claim, mark, and the relay's own work).
+struct InstantBroker;
+
+#[async_trait::async_trait]
+impl Transport for InstantBroker {
+    async fn publish(&self, batch: &[Message]) -> Vec<herald::Result<()>> {
+        batch.iter().map(|_| Ok(())).collect()
+    }
+    async fn subscribe(
+        &self,
+        _: &herald::Subscription,
+    ) -> herald::Result<Box<dyn herald::Subscriber>> {
+        Err(herald::Error::config(
+            "the instant broker has no subscribers",
+        ))
+    }
+    fn describe(&self) -> String {
+        "instant broker (confirms at once, keeps nothing)".to_owned()
+    }
+}
+
+/// The database ceiling: the drain with a broker that confirms at once.
+pub async fn db_ceiling(env: &Env, n: u64) -> Result<Rate> {
+    let mut rate = drain_to(env, n, Arc::new(InstantBroker), "drain, instant broker").await?;
+    rate.name = "relay, instant broker (database ceiling)".to_owned();
+    Ok(rate)
+}
+
 /// Drain: an outbox pre-filled with `n` messages, published by the relay until empty.
 pub async fn drain(env: &Env, n: u64) -> Result<Rate> {
-    eprintln!("bench: drain: filling the outbox with {n} messages");
+    drain_to(env, n, env.broker.clone(), "drain").await
+}
+
+async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) -> Result<Rate> {
+    eprintln!("bench: {label}: filling the outbox with {n} messages");
     let messages: Vec<Message> = (0..n).map(|i| env.message(i)).collect();
     env.db.prefill(&messages).await?;
     drop(messages);
-    let relay = env.relay(env.broker.clone(), "bench-drain").await?;
+    let relay = env.relay(broker, "bench-drain").await?;
     let done = Arc::new(AtomicU64::new(0));
-    let _p = Progress::start("drain".into(), done.clone(), Some(n));
+    let _p = Progress::start(label.into(), done.clone(), Some(n));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let runner = {
         let relay = relay.clone();
