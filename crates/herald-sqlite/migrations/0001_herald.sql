@@ -4,7 +4,7 @@
 
 CREATE TABLE IF NOT EXISTS herald_outbox (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,   -- publication order, assigned on insert
-    message_id    TEXT    NOT NULL UNIQUE DEFAULT (lower(hex(randomblob(16)))),
+    message_id    TEXT    NOT NULL DEFAULT (lower(hex(randomblob(16)))),
     kind          TEXT    NOT NULL DEFAULT 'event' CHECK (kind IN ('event', 'command')),
     message_type  TEXT    NOT NULL,
     source        TEXT    NOT NULL DEFAULT '',
@@ -21,7 +21,10 @@ CREATE TABLE IF NOT EXISTS herald_outbox (
     lease_until   INTEGER
 );
 
-CREATE INDEX IF NOT EXISTS herald_outbox_key_idx ON herald_outbox (ordering_key, id);
+-- Every index on the outbox is paid for by every producer's insert: there are two, the primary
+-- key (claims walk it in id order) and the partial index below (empty for pending rows). Earlier
+-- versions also indexed (ordering_key, id) and made message_id unique: neither is read any more.
+DROP INDEX IF EXISTS herald_outbox_key_idx;
 -- The rows under a live lease (or waiting out a retry delay): few, read once per claim to find
 -- the keys that are busy.
 CREATE INDEX IF NOT EXISTS herald_outbox_leased_idx ON herald_outbox (lease_until) WHERE lease_until IS NOT NULL;
