@@ -332,6 +332,19 @@ impl OutboxStore for PgOutbox {
                     .to_owned(),
             );
         }
+        // Not a durability setting, but the outbox is a queue: every published row is deleted,
+        // and without vacuum the dead rows pile up and every claim walks them.
+        let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db("checking durability settings", e))?;
+        if autovacuum == "off" {
+            warnings.push(format!(
+                "PostgreSQL autovacuum=off: the outbox's published (deleted) rows are never vacuumed, so the table \
+                 and its indexes grow and claims slow down. Turn autovacuum on, or run VACUUM \"{}\" regularly.",
+                self.sql.table
+            ));
+        }
         Ok(warnings)
     }
 }

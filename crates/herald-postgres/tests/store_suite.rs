@@ -176,9 +176,22 @@ async fn bad_table_names_and_missing_tables_fail_clearly() {
 async fn durability_settings_are_checked() {
     let h = harness().await;
     let store = h.store().await;
+    let warnings = store.durability_warnings().await.unwrap();
     assert!(
-        store.durability_warnings().await.unwrap().is_empty(),
-        "this server runs synchronous_commit=on"
+        !warnings
+            .iter()
+            .any(|w| w.contains("synchronous_commit") || w.contains("fsync")),
+        "this server runs synchronous_commit=on and fsync=on: {warnings:?}"
+    );
+    // autovacuum cannot be changed per session: the warning must match the server's setting.
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        warnings.iter().any(|w| w.contains("autovacuum=off")),
+        autovacuum == "off",
+        "autovacuum={autovacuum}: {warnings:?}"
     );
     // A session that turned synchronous_commit off, as an application role might.
     let opts: PgConnectOptions = url().parse().unwrap();

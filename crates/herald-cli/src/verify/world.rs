@@ -361,7 +361,12 @@ pub async fn durability(db: &Database) -> Vec<String> {
     let mut out = Vec::new();
     match db {
         Database::Postgres(p) => {
-            for name in ["synchronous_commit", "fsync", "full_page_writes"] {
+            for name in [
+                "synchronous_commit",
+                "fsync",
+                "full_page_writes",
+                "autovacuum",
+            ] {
                 let v: Result<String, _> =
                     sqlx::query_scalar(AssertSqlSafe(format!("SHOW {name}")))
                         .fetch_one(p)
