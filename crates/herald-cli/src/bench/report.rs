@@ -139,6 +139,13 @@ impl Report {
                 );
             }
             for s in &r.steady {
+                println!(
+                    "producers' share ({}): intended send -> commit returned {}",
+                    s.name,
+                    fmt(&s.intended_to_commit)
+                );
+            }
+            for s in &r.steady {
                 if let Some(c) = &s.db_cost {
                     println!(
                         "db cost per event ({}): WAL {:.0} B, {:.2} transactions, {:.2} rows written; peak dead tuples {}; outbox {} kB + {} kB indexes",

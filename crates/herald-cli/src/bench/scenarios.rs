@@ -241,6 +241,8 @@ pub struct Steady {
     pub achieved_per_second: f64,
     pub commit_to_confirm: Percentiles,
     pub commit_to_consumer: Percentiles,
+    /// The producers' share: intended send time to their commit returning.
+    pub intended_to_commit: Percentiles,
     pub db_cost: Option<DbCost>,
 }
 
@@ -404,6 +406,7 @@ pub async fn steady(
                 };
                 timings.started(m.id, intended);
                 db.business(Some(&m)).await?;
+                timings.committed(&m.id);
                 if wake {
                     waker.wake();
                 }
@@ -453,6 +456,7 @@ pub async fn steady(
     };
     let confirm = Percentiles::of(&timings.confirm.lock().expect("histogram"));
     let consume = Percentiles::of(&timings.consume.lock().expect("histogram"));
+    let commit = Percentiles::of(&timings.commit.lock().expect("histogram"));
     if confirm.count < n {
         eprintln!(
             "bench: {label}: only {} of {n} confirmed within the wait",
@@ -464,6 +468,7 @@ pub async fn steady(
         target_per_second: rate,
         achieved_per_second: n as f64 / production.as_secs_f64(),
         commit_to_confirm: confirm,
+        intended_to_commit: commit,
         commit_to_consumer: consume,
         db_cost,
     })

@@ -16,6 +16,9 @@ pub struct Timings {
     start: Mutex<HashMap<Uuid, Instant>>,
     pub confirm: Mutex<Histogram<u64>>,
     pub consume: Mutex<Histogram<u64>>,
+    /// From the intended send time to the producer's commit returning: the producer's own share
+    /// of the latency.
+    pub commit: Mutex<Histogram<u64>>,
     pub confirmed: std::sync::atomic::AtomicU64,
     pub consumed: std::sync::atomic::AtomicU64,
 }
@@ -31,6 +34,7 @@ impl Timings {
             start: Mutex::new(HashMap::new()),
             confirm: Mutex::new(histogram()),
             consume: Mutex::new(histogram()),
+            commit: Mutex::new(histogram()),
             confirmed: Default::default(),
             consumed: Default::default(),
         })
@@ -39,6 +43,13 @@ impl Timings {
     /// Message `id` was (meant to be) sent at `at`.
     pub fn started(&self, id: Uuid, at: Instant) {
         self.start.lock().expect("timings").insert(id, at);
+    }
+
+    /// Message `id`'s transaction committed now.
+    pub fn committed(&self, id: &Uuid) {
+        if let Some(d) = self.elapsed(id) {
+            record(&self.commit, d);
+        }
     }
 
     fn elapsed(&self, id: &Uuid) -> Option<Duration> {
