@@ -388,6 +388,8 @@ async fn two_relays_lose_nothing_and_keep_key_order() {
     let mut a = relay(&db, &args).spawn().unwrap();
     let mut b = relay(&db, &args).spawn().unwrap();
     wait_until_empty(&db, Duration::from_secs(60)).await;
+    // One of them may have drained everything before the other finished starting up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     signal(&a, "-TERM");
     signal(&b, "-TERM");
     assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
@@ -430,6 +432,9 @@ async fn sigkill_over_and_over_loses_nothing() {
     }
     let mut last = relay(&db, &args).spawn().unwrap();
     wait_until_empty(&db, Duration::from_secs(60)).await;
+    // The killed relays may have emptied the outbox already: let this one start up and install
+    // its SIGTERM handler before it is asked to stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     signal(&last, "-TERM");
     assert!(last.wait().unwrap().success());
     let got = listener.receive(1500, Duration::from_millis(500)).await;
