@@ -79,7 +79,8 @@ pub struct VerifyArgs {
     /// Default: every kind the environment allows.
     #[arg(long, value_delimiter = ',')]
     faults: Option<Vec<String>>,
-    /// Run without faults (a baseline: every mode should then pass).
+    /// Run without faults: a baseline. Publish-then-save still publishes the transactions it
+    /// rolls back (phantoms need no fault); the other modes should come out clean.
     #[arg(long, conflicts_with = "faults")]
     no_faults: bool,
     /// Also write the results to DIR/verify.json and each mode's full history (every produced
