@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use herald::{
-    Consumer, ConsumerConfig, Identifier, Message, Received, Relay, RelayConfig, Subscriber,
-    Subscription, Transport,
+    Consumer, ConsumerConfig, Identifier, Message, Relay, RelayConfig, Subscription, Transport,
 };
+use herald_testkit::verify::RecordingTransport;
 use herald_testkit::{FlakyTransport, History};
 
 use crate::backends::{self, Database};
@@ -210,63 +210,15 @@ impl herald::sqlite::SqliteHandler for SqliteEmails {
     }
 }
 
-/// Records every delivery (duplicates included) in the history, for the checker.
-struct Recorder {
-    inner: Arc<dyn Transport>,
-    history: Arc<Mutex<History>>,
-}
-
-#[async_trait::async_trait]
-impl Transport for Recorder {
-    async fn publish(&self, batch: &[Message]) -> Vec<herald::Result<()>> {
-        self.inner.publish(batch).await
-    }
-
-    async fn subscribe(&self, s: &Subscription) -> herald::Result<Box<dyn Subscriber>> {
-        let inner = self.inner.subscribe(s).await?;
-        Ok(Box::new(RecordingSubscriber {
-            inner,
-            history: self.history.clone(),
-        }))
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
-struct RecordingSubscriber {
-    inner: Box<dyn Subscriber>,
-    history: Arc<Mutex<History>>,
-}
-
-#[async_trait::async_trait]
-impl Subscriber for RecordingSubscriber {
-    async fn next(&mut self) -> herald::Result<Received> {
-        let r = self.inner.next().await?;
-        if let Received::Message(d) = &r {
-            let key = d.message.ordering_key.clone().unwrap_or_default();
-            self.history
-                .lock()
-                .expect("history")
-                .delivered(d.message.id, &key, seq_of(&d.message));
-        }
-        Ok(r)
-    }
-
-    async fn ack(&mut self, tag: u64) -> herald::Result<()> {
-        self.inner.ack(tag).await
-    }
-
-    async fn nack(&mut self, tag: u64) -> herald::Result<()> {
-        self.inner.nack(tag).await
-    }
-}
-
 fn payload(order_id: &str, seq: u64) -> Vec<u8> {
     serde_json::json!({ "order": order_id, "seq": seq })
         .to_string()
         .into_bytes()
+}
+
+/// The order id and step a delivery carries, for the history.
+fn key_seq(m: &Message) -> (String, u64) {
+    (m.ordering_key.clone().unwrap_or_default(), seq_of(m))
 }
 
 fn seq_of(m: &Message) -> u64 {
@@ -356,10 +308,11 @@ async fn story(
     let history = Arc::new(Mutex::new(History::new()));
 
     // The email service subscribes first, so its queue exists before anything is published.
-    let recorder: Arc<dyn Transport> = Arc::new(Recorder {
-        inner: Arc::new(flaky.clone()),
-        history: history.clone(),
-    });
+    let recorder: Arc<dyn Transport> = Arc::new(RecordingTransport::new(
+        Arc::new(flaky.clone()),
+        history.clone(),
+        key_seq,
+    ));
     let emails = demo.email_service(recorder, topic)?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let consumer = {

@@ -4,6 +4,10 @@
 //!
 //! Needs PostgreSQL (`HERALD_TEST_POSTGRES`) and RabbitMQ (`HERALD_TEST_AMQP`); `.ci/run` starts them.
 
+mod common;
+
+use common::{amqp_url, pg_url};
+
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,16 +19,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use sqlx::{AssertSqlSafe, PgPool};
-
-fn pg_url() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-fn amqp_url() -> String {
-    std::env::var("HERALD_TEST_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}_{:016x}", uuid::Uuid::new_v4().as_u64_pair().0)
@@ -246,6 +240,19 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
+/// SIGTERM to each relay, which must exit 0. The outbox may have been empty before a relay even
+/// started, so each first gets time to install its SIGTERM handler (before that, the signal's
+/// default action kills the process).
+async fn stop_gracefully(relays: &mut [&mut Child]) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in relays.iter() {
+        signal(r, "-TERM");
+    }
+    for r in relays.iter_mut() {
+        assert!(r.wait().unwrap().success(), "a relay did not exit cleanly");
+    }
+}
+
 async fn wait_until_empty(db: &Db, limit: Duration) {
     let deadline = Instant::now() + limit;
     while db.pending().await > 0 {
@@ -316,8 +323,7 @@ async fn abort_between_confirm_and_mark_duplicates_never_loses() {
         .spawn()
         .unwrap();
     wait_until_empty(&db, Duration::from_secs(20)).await;
-    signal(&next, "-TERM");
-    assert!(next.wait().unwrap().success());
+    stop_gracefully(&mut [&mut next]).await;
     let got = listener.receive(5, Duration::from_millis(300)).await;
     assert_eq!(check(&got, 5), 5, "each message was delivered twice");
     db.drop().await;
@@ -341,10 +347,7 @@ async fn abort_at_then_recover(point: &str) -> (i64, usize) {
 
     let mut next = relay(&db, &quick).spawn().unwrap();
     wait_until_empty(&db, Duration::from_secs(20)).await;
-    // The outbox may have been empty from the start: let the relay install its SIGTERM handler.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    signal(&next, "-TERM");
-    assert!(next.wait().unwrap().success());
+    stop_gracefully(&mut [&mut next]).await;
     let got = listener.receive(10, Duration::from_millis(300)).await;
     let duplicates = check(&got, 10);
     db.drop().await;
@@ -388,11 +391,7 @@ async fn two_relays_lose_nothing_and_keep_key_order() {
     let mut a = relay(&db, &args).spawn().unwrap();
     let mut b = relay(&db, &args).spawn().unwrap();
     wait_until_empty(&db, Duration::from_secs(60)).await;
-    // One of them may have drained everything before the other finished starting up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    signal(&a, "-TERM");
-    signal(&b, "-TERM");
-    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    stop_gracefully(&mut [&mut a, &mut b]).await;
     let got = listener.receive(480, Duration::from_millis(300)).await;
     assert_eq!(check(&got, 480), 0, "no duplicates without crashes");
     db.drop().await;
@@ -432,11 +431,7 @@ async fn sigkill_over_and_over_loses_nothing() {
     }
     let mut last = relay(&db, &args).spawn().unwrap();
     wait_until_empty(&db, Duration::from_secs(60)).await;
-    // The killed relays may have emptied the outbox already: let this one start up and install
-    // its SIGTERM handler before it is asked to stop.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    signal(&last, "-TERM");
-    assert!(last.wait().unwrap().success());
+    stop_gracefully(&mut [&mut last]).await;
     let got = listener.receive(1500, Duration::from_millis(500)).await;
     let duplicates = check(&got, 1500);
     eprintln!("killed {kills} times: 1500 delivered, {duplicates} duplicates");

@@ -5,18 +5,12 @@
 //!
 //! Needs PostgreSQL, RabbitMQ and nats-server (`.ci/run` starts and installs them).
 
+mod common;
+
+use common::{amqp_url, pg_url};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn pg_url() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-fn amqp_url() -> String {
-    std::env::var("HERALD_TEST_AMQP")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
 
 fn out_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(

@@ -405,6 +405,27 @@ impl Subscriber for AckFailsOnceSub {
     }
 }
 
+/// Waits until `service` "svc" has `n` effects, failing if the consumer stopped or `deadline`
+/// passed.
+async fn wait_for_effects(
+    h: &dyn ConsumerHarness,
+    n: usize,
+    running: &mut tokio::task::JoinHandle<herald_core::Result<()>>,
+    deadline: tokio::time::Instant,
+) {
+    while h.effects("svc").await.len() < n {
+        if running.is_finished() {
+            panic!("the consumer stopped: {:?}", running.await);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {n} messages applied",
+            h.effects("svc").await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
     let sub = Subscription::events(h.unique("ackfail"), "svc");
     let transport: Arc<dyn Transport> = Arc::new(AckFailsOnce {
@@ -423,7 +444,7 @@ async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
     .unwrap();
     drop(c.subscribe().await.unwrap());
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = {
+    let mut running = {
         let (c, mut stopped) = (c.clone(), stopped.clone());
         tokio::spawn(async move {
             c.run(async move {
@@ -438,32 +459,10 @@ async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
         .collect();
     publish(&t, &msgs[..3]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while h.effects("svc").await.len() < 3 {
-        assert!(
-            !running.is_finished(),
-            "the consumer stopped: {:?}",
-            running.await
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "first messages not applied"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_effects(h, 3, &mut running, deadline).await;
     // After the failed acknowledgement the consumer goes on with new messages.
     publish(&t, &msgs[3..]).await;
-    while h.effects("svc").await.len() < 6 {
-        assert!(
-            !running.is_finished(),
-            "the consumer stopped: {:?}",
-            running.await
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "later messages not applied"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_effects(h, 6, &mut running, deadline).await;
     let _ = stop.send(true);
     running.await.unwrap().expect("the consumer ends cleanly");
     assert_eq!(

@@ -175,38 +175,18 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
         r.drain = Some(scenarios::drain(env, args.messages).await?);
     }
     if !skip("steady") {
-        for rate in &args.rates {
+        let lanes = if skip("consumer") {
+            0
+        } else {
+            args.consumer_concurrency
+        };
+        // Each given rate, open loop, then the closed-loop maximum.
+        for rate in args.rates.iter().copied().map(Some).chain([None]) {
             r.steady.push(
-                scenarios::steady(
-                    env,
-                    Some(*rate),
-                    args.duration,
-                    args.writers,
-                    !args.no_wake,
-                    if skip("consumer") {
-                        0
-                    } else {
-                        args.consumer_concurrency
-                    },
-                )
-                .await?,
+                scenarios::steady(env, rate, args.duration, args.writers, !args.no_wake, lanes)
+                    .await?,
             );
         }
-        r.steady.push(
-            scenarios::steady(
-                env,
-                None,
-                args.duration,
-                args.writers,
-                !args.no_wake,
-                if skip("consumer") {
-                    0
-                } else {
-                    args.consumer_concurrency
-                },
-            )
-            .await?,
-        );
     }
     if !skip("tax") {
         let (b, o) = scenarios::producer_tax(env, args.duration, args.writers).await?;
