@@ -213,3 +213,39 @@ async fn durability_settings_are_checked() {
     );
     h.cleanup().await;
 }
+
+/// `migrate` upgrades an outbox created by an earlier version (it had an `(ordering_key, id)`
+/// index and a unique `message_id`, which every insert paid for and nothing reads any more), and
+/// running it again changes nothing.
+#[tokio::test]
+async fn migrate_upgrades_an_older_outbox_and_is_idempotent() {
+    let h = harness().await;
+    let t = h.table.as_str();
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE INDEX {t}_key_idx ON {t} (ordering_key, id)"
+    )))
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER TABLE {t} ADD CONSTRAINT {t}_message_id_key UNIQUE (message_id)"
+    )))
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    migrate(&h.pool, &h.table).await.unwrap();
+    migrate(&h.pool, &h.table).await.unwrap();
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = current_schema() AND tablename = $1 ORDER BY 1",
+    )
+    .bind(t)
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        indexes,
+        vec![format!("{t}_leased_idx"), format!("{t}_pkey")],
+        "only the primary key and the partial index on leased rows remain"
+    );
+    h.cleanup().await;
+}
