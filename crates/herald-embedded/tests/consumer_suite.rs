@@ -27,7 +27,16 @@ async fn harness() -> Embedded {
 #[async_trait]
 impl ConsumerHarness for Embedded {
     fn capabilities(&self) -> Capabilities {
-        Capabilities { replay: true }
+        Capabilities {
+            ordered_per_key: true,
+            competing_consumers: true,
+            broker_dedup: false,
+            replay: true,
+            flags_redeliveries: true,
+            commands_need_owner: false,
+            rebalance_redelivers: false,
+            max_payload: None,
+        }
     }
 
     async fn transport(&self) -> Arc<dyn Transport> {
@@ -73,3 +82,4 @@ impl ConsumerHarness for Embedded {
 }
 
 herald_testkit::consumer_suite!(harness());
+herald_testkit::transport_suite!("Embedded (SQLite)", harness());

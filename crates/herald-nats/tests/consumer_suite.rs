@@ -32,7 +32,16 @@ async fn harness() -> Nats {
 #[async_trait]
 impl ConsumerHarness for Nats {
     fn capabilities(&self) -> Capabilities {
-        Capabilities { replay: true }
+        Capabilities {
+            ordered_per_key: true,
+            competing_consumers: true,
+            broker_dedup: true,
+            replay: true,
+            flags_redeliveries: true,
+            commands_need_owner: true,
+            rebalance_redelivers: false,
+            max_payload: Some(1024 * 1024),
+        }
     }
 
     async fn transport(&self) -> Arc<dyn Transport> {
@@ -90,3 +99,4 @@ impl ConsumerHarness for Nats {
 }
 
 herald_testkit::consumer_suite!(harness());
+herald_testkit::transport_suite!("NATS JetStream", harness());

@@ -33,7 +33,16 @@ async fn harness() -> Rabbit {
 #[async_trait]
 impl ConsumerHarness for Rabbit {
     fn capabilities(&self) -> Capabilities {
-        Capabilities { replay: false }
+        Capabilities {
+            ordered_per_key: true,
+            competing_consumers: true,
+            broker_dedup: false,
+            replay: false,
+            flags_redeliveries: true,
+            commands_need_owner: true,
+            rebalance_redelivers: false,
+            max_payload: None,
+        }
     }
 
     async fn transport(&self) -> Arc<dyn Transport> {
@@ -100,3 +109,4 @@ impl ConsumerHarness for Rabbit {
 }
 
 herald_testkit::consumer_suite!(harness());
+herald_testkit::transport_suite!("RabbitMQ", harness());

@@ -13,11 +13,31 @@ use herald_core::{
 };
 use uuid::Uuid;
 
-/// What a transport can do, so checks that do not apply are skipped loudly.
-#[derive(Debug, Clone, Copy)]
+/// What a transport can do. The transport suite checks each flag both ways (a broker that
+/// claims no deduplication must deliver a re-published message twice), and `docs/BACKENDS.md`
+/// must show the same values ([`crate::transport_suite::assert_documented`]), so the capability
+/// matrix cannot drift from the code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
+    /// Messages of one ordering key reach a consumer group in publish order.
+    pub ordered_per_key: bool,
+    /// Instances of one service share a subscription's messages.
+    pub competing_consumers: bool,
+    /// The broker drops a re-published message id (within a window): a relay crash between
+    /// confirmation and mark usually causes no duplicate.
+    pub broker_dedup: bool,
     /// The broker keeps consumed messages and can rewind a group.
     pub replay: bool,
+    /// Deliveries of a message given back or left unacknowledged are flagged redelivered.
+    pub flags_redeliveries: bool,
+    /// A command sent before its owning service subscribed is rejected (not kept for later).
+    pub commands_need_owner: bool,
+    /// When a second instance joins, messages the first one had not acknowledged may reach both
+    /// (a rebalance): competing instances share work, not exclusively.
+    pub rebalance_redelivers: bool,
+    /// The largest payload the broker takes as configured in the tests, where the suite checks
+    /// that a larger one is refused with a reason (`None`: the limit is too large to exercise).
+    pub max_payload: Option<usize>,
 }
 
 /// What the suite needs from a transport and the database under its consumers.

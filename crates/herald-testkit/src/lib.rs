@@ -2,10 +2,12 @@
 //! herald's own tests, `herald demo`, and anyone testing their setup.
 
 pub mod consumer_suite;
+pub mod inbox_suite;
 mod flaky;
 mod history;
 mod proxy;
 pub mod suite;
+pub mod transport_suite;
 pub mod verify;
 
 pub use flaky::FlakyTransport;

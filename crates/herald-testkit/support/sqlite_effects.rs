@@ -64,6 +64,26 @@ impl SqliteEffects {
         Arc::new(SqliteApplier::new(self.pool.clone(), &self.table, handler).unwrap())
     }
 
+    pub fn versioned_applier(&self, service: &str, header: &str) -> Arc<dyn Apply> {
+        let handler = Effects {
+            service: service.to_owned(),
+            fail_key: None,
+        };
+        Arc::new(
+            SqliteApplier::new(self.pool.clone(), &self.table, handler)
+                .unwrap()
+                .skip_stale_versions(header),
+        )
+    }
+
+    pub async fn request_replay(&self, service: &str) {
+        sqlx::query("UPDATE herald_outbox_consumer_dead_letter SET replay_requested = true WHERE consumer = ?1")
+            .bind(service)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
     pub async fn effects(&self, service: &str) -> Vec<(Uuid, Option<String>)> {
         let rows = sqlx::query(
             "SELECT message_id, ordering_key FROM effects WHERE service = ?1 ORDER BY seq",
@@ -98,5 +118,27 @@ impl SqliteEffects {
     pub async fn cleanup(&self) {
         self.pool.close().await;
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[async_trait]
+impl herald_testkit::inbox_suite::InboxHarness for SqliteEffects {
+    fn applier(&self, service: &str, fail_key: Option<&str>) -> Arc<dyn Apply> {
+        SqliteEffects::applier(self, service, fail_key)
+    }
+    fn versioned_applier(&self, service: &str, header: &str) -> Arc<dyn Apply> {
+        SqliteEffects::versioned_applier(self, service, header)
+    }
+    async fn effects(&self, service: &str) -> Vec<(Uuid, Option<String>)> {
+        SqliteEffects::effects(self, service).await
+    }
+    async fn dead_letters(&self, service: &str) -> Vec<(Option<Uuid>, String, i64)> {
+        SqliteEffects::dead_letters(self, service).await
+    }
+    async fn request_replay(&self, service: &str) {
+        SqliteEffects::request_replay(self, service).await
+    }
+    async fn cleanup(&self) {
+        SqliteEffects::cleanup(self).await
     }
 }

@@ -1,0 +1,173 @@
+//! Topics, keys and headers on Kafka: the CloudEvents Kafka protocol binding (binary mode). See
+//! `docs/WIRE.md`.
+
+use std::collections::BTreeMap;
+
+use herald_core::message::{parse_rfc3339, rfc3339};
+use herald_core::{Error, Kind, Message, Result};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+/// Sent as `source` when a message has none.
+pub const DEFAULT_SOURCE: &str = "/herald";
+
+const RESERVED: [&str; 7] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "partitionkey",
+    "heraldkind",
+];
+
+/// Checks that a topic or queue name is a legal Kafka topic name (after the `commands.` prefix
+/// for commands): 1 to 240 letters, digits, `.`, `_` and `-`.
+pub fn check_destination(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 240
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::rejected(format!(
+            "destination {name:?} is not a usable Kafka topic name: use 1 to 240 letters, digits, '.', '_' and '-'"
+        )))
+    }
+}
+
+/// The Kafka topic of `destination`: events go to the topic named by it, commands to
+/// `commands.<queue>`, so a queue and a topic of one name never mix.
+pub fn topic(kind: Kind, destination: &str) -> String {
+    match kind {
+        Kind::Event => destination.to_owned(),
+        Kind::Command => format!("commands.{destination}"),
+    }
+}
+
+/// The record headers for `m`: `ce_` attributes and `content-type`.
+pub fn headers(m: &Message) -> OwnedHeaders {
+    let id = m.id.to_string();
+    let time = rfc3339(m.created_at);
+    let source = if m.source.is_empty() {
+        DEFAULT_SOURCE
+    } else {
+        m.source.as_str()
+    };
+    let mut h = OwnedHeaders::new_with_capacity(8 + m.headers.len());
+    for (k, v) in [
+        ("ce_specversion", "1.0"),
+        ("ce_id", id.as_str()),
+        ("ce_source", source),
+        ("ce_type", m.message_type.as_str()),
+        ("ce_time", time.as_str()),
+        ("ce_heraldkind", m.kind.as_str()),
+        ("content-type", m.content_type.as_str()),
+    ] {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    for (k, v) in &m.headers {
+        if !RESERVED.contains(&k.as_str()) {
+            h = h.insert(Header {
+                key: &format!("ce_{k}"),
+                value: Some(v.as_str()),
+            });
+        }
+    }
+    h
+}
+
+/// Rebuilds a message from a record's headers, key and payload.
+pub fn decode(
+    kind: Kind,
+    destination: &str,
+    headers: Option<&impl Headers>,
+    key: Option<&[u8]>,
+    payload: Vec<u8>,
+) -> Result<Message> {
+    let mut attrs: BTreeMap<String, String> = BTreeMap::new();
+    let mut content_type = None;
+    if let Some(h) = headers {
+        for header in h.iter() {
+            let Some(value) = header.value else { continue };
+            let value = String::from_utf8(value.to_vec()).map_err(|_| Error::Decode {
+                reason: format!("header {:?} is not UTF-8", header.key),
+            })?;
+            if let Some(attr) = header.key.strip_prefix("ce_") {
+                attrs.insert(attr.to_owned(), value);
+            } else if header.key.eq_ignore_ascii_case("content-type") {
+                content_type = Some(value);
+            }
+        }
+    }
+    let missing = |what: &str| Error::Decode {
+        reason: format!("missing CloudEvents header ce_{what}"),
+    };
+    let id_text = attrs.remove("id").ok_or_else(|| missing("id"))?;
+    let id = uuid::Uuid::parse_str(&id_text).map_err(|e| Error::Decode {
+        reason: format!("ce_id {id_text:?} is not a UUID: {e}"),
+    })?;
+    let message_type = attrs.remove("type").ok_or_else(|| missing("type"))?;
+    let ordering_key = match key {
+        Some(k) => Some(String::from_utf8(k.to_vec()).map_err(|_| Error::Decode {
+            reason: "the record key is not UTF-8".to_owned(),
+        })?),
+        None => attrs.remove("partitionkey"),
+    };
+    attrs.remove("partitionkey");
+    attrs.remove("heraldkind");
+    attrs.remove("specversion");
+    Ok(Message {
+        id,
+        kind,
+        message_type,
+        source: attrs.remove("source").unwrap_or_default(),
+        destination: destination.to_owned(),
+        ordering_key,
+        created_at: attrs
+            .remove("time")
+            .and_then(|t| parse_rfc3339(&t))
+            .unwrap_or_else(std::time::SystemTime::now),
+        headers: attrs,
+        content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let m = Message::event("orders", "OrderPlaced", b"{}".to_vec())
+            .with_key("o-1")
+            .with_source("/shop")
+            .with_header("traceparent", "00-ab-cd-01");
+        let h = headers(&m);
+        let back = decode(
+            Kind::Event,
+            "orders",
+            Some(&h),
+            m.ordering_key.as_deref().map(str::as_bytes),
+            m.payload.clone(),
+        )
+        .unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn names() {
+        for bad in ["", "a b", "a/b", ".", "..", &"x".repeat(241)] {
+            assert!(check_destination(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(topic(Kind::Command, "billing"), "commands.billing");
+        assert_eq!(topic(Kind::Event, "shop.orders"), "shop.orders");
+    }
+}

@@ -1,0 +1,105 @@
+//! Writing messages into the MySQL outbox, inside the application's transaction.
+
+use herald_core::{Error, Identifier, Kind, Message, Result};
+use sqlx::{AssertSqlSafe, MySqlConnection};
+
+use crate::error::db;
+
+/// Inserts messages into the outbox. Takes the caller's connection (usually `&mut *tx` of an open
+/// transaction), never a pool: the message commits or rolls back with the business change. It runs
+/// one `INSERT` and nothing else: no DDL (which would commit the caller's transaction), no locks
+/// beyond the new row.
+#[derive(Debug, Clone)]
+pub struct MySqlOutboxWriter {
+    insert: String,
+}
+
+impl MySqlOutboxWriter {
+    /// A writer for the outbox table `table`.
+    pub fn new(table: &Identifier) -> MySqlOutboxWriter {
+        MySqlOutboxWriter {
+            insert: format!(
+                "INSERT INTO `{table}` (message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 content_type, payload, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, \
+                 TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00'))"
+            ),
+        }
+    }
+
+    /// Adds `message` to the outbox in the caller's transaction. Returns the row's sequence number.
+    pub async fn enqueue(&self, conn: &mut MySqlConnection, message: &Message) -> Result<i64> {
+        let headers = serde_json::to_string(&message.headers).expect("a string map serialises");
+        let done = sqlx::query(AssertSqlSafe(self.insert.as_str()))
+            .bind(message.id.to_string())
+            .bind(message.kind.as_str())
+            .bind(&message.message_type)
+            .bind(&message.source)
+            .bind(&message.destination)
+            .bind(message.ordering_key.as_deref())
+            .bind(headers)
+            .bind(&message.content_type)
+            .bind(&message.payload)
+            .bind(message.created_at_micros())
+            .execute(conn)
+            .await
+            .map_err(|e| db("inserting into the outbox", e))?;
+        Ok(done.last_insert_id() as i64)
+    }
+
+    /// Publishes an event (to whoever subscribes to its topic), in the caller's transaction.
+    /// Refuses a command: send those to their owner with [`send`](Self::send).
+    pub async fn publish(&self, conn: &mut MySqlConnection, event: &Message) -> Result<i64> {
+        if event.kind != Kind::Event {
+            return Err(Error::config(
+                "publish takes an event; send a command with send()",
+            ));
+        }
+        self.enqueue(conn, event).await
+    }
+
+    /// Sends a command to the queue of the one service that owns it, in the caller's transaction.
+    pub async fn send(&self, conn: &mut MySqlConnection, command: &Message) -> Result<i64> {
+        if command.kind != Kind::Command {
+            return Err(Error::config(
+                "send takes a command; publish an event with publish()",
+            ));
+        }
+        self.enqueue(conn, command).await
+    }
+}
+
+/// Fallback storage in an outbox table: parks messages the broker did not confirm, in a
+/// transaction of its own, for a [`Relay`](herald_core::Relay) on that table to retry. See
+/// [`herald_core::fallback`] for what fallback storage does not guarantee.
+#[derive(Debug, Clone)]
+pub struct MySqlPark {
+    pool: sqlx::MySqlPool,
+    writer: MySqlOutboxWriter,
+}
+
+impl MySqlPark {
+    /// Parks into the outbox table `table` (created by [`migrate`](crate::migrate)).
+    pub fn new(pool: sqlx::MySqlPool, table: &Identifier) -> MySqlPark {
+        MySqlPark {
+            pool,
+            writer: MySqlOutboxWriter::new(table),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl herald_core::Park for MySqlPark {
+    async fn park(&self, messages: &[Message]) -> Result<()> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| db("parking messages", e))?;
+        for m in messages {
+            self.writer.enqueue(&mut tx, m).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| db("committing parked messages", e))
+    }
+}

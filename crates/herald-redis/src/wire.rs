@@ -1,0 +1,152 @@
+//! Stream keys and entry fields on Redis. See `docs/WIRE.md`.
+
+use std::collections::BTreeMap;
+
+use herald_core::message::{parse_rfc3339, rfc3339};
+use herald_core::{Error, Kind, Message, Result};
+
+/// Sent as `source` when a message has none.
+pub const DEFAULT_SOURCE: &str = "/herald";
+
+/// The entry field holding the payload.
+pub const DATA: &str = "data";
+
+const RESERVED: [&str; 7] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "partitionkey",
+    "heraldkind",
+];
+
+/// Checks that a topic or queue name is usable in a stream key: 1 to 200 bytes of letters,
+/// digits, `_`, `-`, `.` and `:`.
+pub fn check_destination(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::rejected(format!(
+            "destination {name:?} is not usable on Redis: use 1 to 200 letters, digits, '_', '-', '.' and ':'"
+        )))
+    }
+}
+
+/// The stream a message of `kind` for `destination` is added to.
+pub fn stream_key(kind: Kind, destination: &str) -> String {
+    match kind {
+        Kind::Event => format!("herald:events:{destination}"),
+        Kind::Command => format!("herald:commands:{destination}"),
+    }
+}
+
+/// The entry fields for `m`, in order: CloudEvents attributes as `ce-` fields (binary mode, as on
+/// the other brokers), `content-type`, then the payload as `data`.
+pub fn fields(m: &Message) -> Vec<(String, Vec<u8>)> {
+    let mut f: Vec<(String, Vec<u8>)> = vec![
+        ("ce-specversion".into(), b"1.0".to_vec()),
+        ("ce-id".into(), m.id.to_string().into_bytes()),
+        (
+            "ce-source".into(),
+            if m.source.is_empty() {
+                DEFAULT_SOURCE.as_bytes().to_vec()
+            } else {
+                m.source.as_bytes().to_vec()
+            },
+        ),
+        ("ce-type".into(), m.message_type.as_bytes().to_vec()),
+        ("ce-time".into(), rfc3339(m.created_at).into_bytes()),
+        ("ce-heraldkind".into(), m.kind.as_str().as_bytes().to_vec()),
+        ("content-type".into(), m.content_type.as_bytes().to_vec()),
+    ];
+    if let Some(key) = &m.ordering_key {
+        f.push(("ce-partitionkey".into(), key.as_bytes().to_vec()));
+    }
+    for (k, v) in &m.headers {
+        if !RESERVED.contains(&k.as_str()) {
+            f.push((format!("ce-{k}"), v.as_bytes().to_vec()));
+        }
+    }
+    f.push((DATA.into(), m.payload.clone()));
+    f
+}
+
+/// Rebuilds a message from an entry's fields. The error says what is wrong; the caller parks the
+/// entry with it.
+pub fn decode(kind: Kind, destination: &str, fields: Vec<(String, Vec<u8>)>) -> Result<Message> {
+    let mut attrs: BTreeMap<String, String> = BTreeMap::new();
+    let mut content_type = None;
+    let mut payload = None;
+    for (name, value) in fields {
+        if name == DATA {
+            payload = Some(value);
+            continue;
+        }
+        let text = String::from_utf8(value).map_err(|_| Error::Decode {
+            reason: format!("field {name:?} is not UTF-8"),
+        })?;
+        if let Some(attr) = name.strip_prefix("ce-") {
+            attrs.insert(attr.to_owned(), text);
+        } else if name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(text);
+        }
+    }
+    let missing = |what: &str| Error::Decode {
+        reason: format!("missing CloudEvents field ce-{what}"),
+    };
+    let id_text = attrs.remove("id").ok_or_else(|| missing("id"))?;
+    let id = uuid::Uuid::parse_str(&id_text).map_err(|e| Error::Decode {
+        reason: format!("ce-id {id_text:?} is not a UUID: {e}"),
+    })?;
+    let message_type = attrs.remove("type").ok_or_else(|| missing("type"))?;
+    let payload = payload.ok_or_else(|| Error::Decode {
+        reason: format!("missing field {DATA:?}"),
+    })?;
+    attrs.remove("heraldkind");
+    attrs.remove("specversion");
+    Ok(Message {
+        id,
+        kind,
+        message_type,
+        source: attrs.remove("source").unwrap_or_default(),
+        destination: destination.to_owned(),
+        ordering_key: attrs.remove("partitionkey"),
+        created_at: attrs
+            .remove("time")
+            .and_then(|t| parse_rfc3339(&t))
+            .unwrap_or_else(std::time::SystemTime::now),
+        headers: attrs,
+        content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let m = Message::event("orders", "OrderPlaced", b"\x00{}".to_vec())
+            .with_key("o-1")
+            .with_source("/shop")
+            .with_header("traceparent", "00-ab-cd-01");
+        assert_eq!(decode(Kind::Event, "orders", fields(&m)).unwrap(), m);
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_reason() {
+        let err = decode(Kind::Event, "t", vec![("hello".into(), b"x".to_vec())]).unwrap_err();
+        assert!(err.to_string().contains("ce-id"), "{err}");
+        for bad in ["", "a b", "a\nb", "a*", &"x".repeat(201)] {
+            assert!(check_destination(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(stream_key(Kind::Command, "billing"), "herald:commands:billing");
+    }
+}
