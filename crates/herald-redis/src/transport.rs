@@ -144,6 +144,22 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// The per-stream entry lists of an `XREADGROUP` reply: `[[key, entries], ...]` in RESP2, a map
+/// from key to entries in RESP3; nil when the read timed out.
+fn streams(v: Value) -> Vec<Value> {
+    match v {
+        Value::Map(m) => m.into_iter().map(|(_, entries)| entries).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Stream entries `[[id, [field, value, ...]], ...]`; entries without fields (deleted) are skipped.
 fn entries(v: Value) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
     let Value::Array(items) = v else {
@@ -483,7 +499,7 @@ impl Subscriber for RedisSubscriber {
                 .query_async(&mut self.conn)
                 .await
                 .map_err(|e| redis_err("reading the stream", e))?;
-            for (_, stream) in pairs(v) {
+            for stream in streams(v) {
                 self.take(entries(stream), false);
             }
         }
