@@ -48,37 +48,81 @@ impl fmt::Display for Identifier {
 }
 
 /// A connection URL whose password never appears in `Debug` or `Display`.
+///
+/// Besides ordinary URLs it takes a list of hosts for brokers that bootstrap from several
+/// (`kafka://h1:9092,h2:9092`): the first host is validated as a URL, the list is kept as written.
+/// Such a list may not carry credentials.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(url::Url);
+pub struct SecretUrl {
+    url: url::Url,
+    host_list: Option<String>,
+}
 
 impl SecretUrl {
     /// Parses `raw`; the error names the problem but never echoes the URL (it may hold a password).
     pub fn parse(what: &str, raw: &str) -> Result<SecretUrl> {
-        url::Url::parse(raw).map(SecretUrl).map_err(|e| {
+        let bad = |e: url::ParseError| {
             Error::config(format!(
                 "{what} URL is not a valid URL ({e}); expected something like postgres://user@host:5432/db"
             ))
-        })
+        };
+        match url::Url::parse(raw) {
+            Ok(url) => Ok(SecretUrl {
+                url,
+                host_list: None,
+            }),
+            Err(e) => {
+                // scheme://h1:p1,h2:p2[/rest]: validate with the first host alone.
+                let Some((scheme, rest)) = raw.split_once("://") else {
+                    return Err(bad(e));
+                };
+                let (hosts, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                if !hosts.contains(',') {
+                    return Err(bad(e));
+                }
+                if hosts.contains('@') {
+                    return Err(Error::config(format!(
+                        "{what} URL lists several hosts and credentials: give credentials another way"
+                    )));
+                }
+                let first = hosts.split(',').next().unwrap_or_default();
+                for h in hosts.split(',') {
+                    url::Url::parse(&format!("{scheme}://{h}")).map_err(bad)?;
+                }
+                let url = url::Url::parse(&format!("{scheme}://{first}{path}")).map_err(bad)?;
+                Ok(SecretUrl {
+                    url,
+                    host_list: Some(raw.to_owned()),
+                })
+            }
+        }
     }
 
     /// The URL scheme, e.g. `postgres`.
     pub fn scheme(&self) -> &str {
-        self.0.scheme()
+        self.url.scheme()
     }
 
     /// The full URL including any password. Pass it to a driver; never log it.
     pub fn expose(&self) -> &str {
-        self.0.as_str()
+        self.host_list.as_deref().unwrap_or(self.url.as_str())
     }
 
-    /// The parsed URL, including any password.
+    /// The parsed URL, including any password (for a host list, the first host).
     pub fn url(&self) -> &url::Url {
-        &self.0
+        &self.url
     }
 
     /// The URL with the password replaced by `***`, safe for logs.
     pub fn redacted(&self) -> String {
-        let mut u = self.0.clone();
+        if let Some(list) = &self.host_list {
+            // No credentials (refused by `parse`); a query may still hold secrets.
+            return match list.split_once('?') {
+                Some((head, _)) => format!("{head}?***"),
+                None => list.clone(),
+            };
+        }
+        let mut u = self.url.clone();
         if u.password().is_some() {
             let _ = u.set_password(Some("***"));
         }
@@ -216,6 +260,19 @@ mod tests {
             let err = Identifier::new(bad).unwrap_err().to_string();
             assert!(err.contains("is not allowed"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn host_lists_are_kept_and_checked() {
+        let u = SecretUrl::parse("broker", "kafka://k1:9092,k2:9093,k3:9094").unwrap();
+        assert_eq!(u.scheme(), "kafka");
+        assert_eq!(u.expose(), "kafka://k1:9092,k2:9093,k3:9094");
+        assert_eq!(u.redacted(), "kafka://k1:9092,k2:9093,k3:9094");
+        let err = SecretUrl::parse("broker", "kafka://u:s3cr3t@k1:9092,k2:9092")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("credentials") && !err.contains("s3cr3t"), "{err}");
+        assert!(SecretUrl::parse("broker", "kafka://k1:9092,k2:notaport").is_err());
     }
 
     #[test]

@@ -33,7 +33,24 @@ pub struct KafkaTransport {
     topics: Mutex<HashSet<String>>,
     partitions: i32,
     replication: i32,
+    create_topics: bool,
     session_timeout: Duration,
+}
+
+/// Settings of the producer that the caller may change.
+fn producer(servers: &str, delivery_timeout: Duration) -> Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("client.id", "herald-relay")
+        // Exactly one copy per send, in order per partition, even across internal retries.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "5")
+        .set("linger.ms", "2")
+        // An unknown outcome after this long: the relay releases the rows and retries.
+        .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
+        .create()
+        .map_err(|e| Error::config(format!("cannot configure the Kafka producer: {e}")))
 }
 
 fn kafka_err(what: &str, e: KafkaError) -> Error {
@@ -67,18 +84,7 @@ impl KafkaTransport {
     /// librdkafka connects lazily; the first publish or subscribe reports an unreachable cluster.
     pub async fn connect(url: SecretUrl) -> Result<KafkaTransport> {
         let servers = bootstrap(&url)?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &servers)
-            .set("client.id", "herald-relay")
-            // Exactly one copy per send, in order per partition, even across internal retries.
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("max.in.flight.requests.per.connection", "5")
-            .set("linger.ms", "2")
-            // An unknown outcome after this long: the relay releases the rows and retries.
-            .set("message.timeout.ms", "30000")
-            .create()
-            .map_err(|e| Error::config(format!("cannot configure the Kafka producer: {e}")))?;
+        let producer = producer(&servers, Duration::from_secs(30))?;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &servers)
             .create()
@@ -92,6 +98,7 @@ impl KafkaTransport {
             topics: Mutex::new(HashSet::new()),
             partitions: 6,
             replication: 3,
+            create_topics: true,
             session_timeout: Duration::from_secs(10),
         })
     }
@@ -104,6 +111,20 @@ impl KafkaTransport {
         self
     }
 
+    /// How long librdkafka keeps trying to deliver a message before reporting an unknown outcome
+    /// (`message.timeout.ms`, default 30 s); the relay then releases the row and retries later.
+    pub fn with_delivery_timeout(mut self, timeout: Duration) -> Result<KafkaTransport> {
+        self.producer = producer(&self.servers, timeout)?;
+        Ok(self)
+    }
+
+    /// Whether herald creates missing topics through the admin API (default) or leaves that to
+    /// the broker's `auto.create.topics.enable` (librdkafka's mock cluster has no admin API).
+    pub fn with_topic_creation(mut self, create: bool) -> KafkaTransport {
+        self.create_topics = create;
+        self
+    }
+
     /// How long a silent consumer keeps its partitions before the group gives them to another
     /// instance (`session.timeout.ms`, default 10 s).
     pub fn with_session_timeout(mut self, timeout: Duration) -> KafkaTransport {
@@ -112,13 +133,18 @@ impl KafkaTransport {
     }
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
-        if self.topics.lock().await.contains(topic) {
+        if !self.create_topics || self.topics.lock().await.contains(topic) {
             return Ok(());
         }
         let new = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(self.replication));
         let results = self
             .admin
-            .create_topics([&new], &AdminOptions::new().operation_timeout(Some(META_TIMEOUT)))
+            .create_topics(
+                [&new],
+                &AdminOptions::new()
+                    .operation_timeout(Some(META_TIMEOUT))
+                    .request_timeout(Some(META_TIMEOUT)),
+            )
             .await
             .map_err(|e| kafka_err("creating a topic", e))?;
         for r in results {
@@ -146,6 +172,7 @@ impl KafkaTransport {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
+            .set("allow.auto.create.topics", "true")
             .set(
                 "session.timeout.ms",
                 self.session_timeout.as_millis().to_string(),
@@ -323,12 +350,38 @@ impl Transport for KafkaTransport {
                 }
             }
         }
-        consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
-            kafka_err(
-                "moving the group's offsets (are the service's consumers still running?)",
-                e,
-            )
-        })
+        // Offsets of a group are moved by a member of it: join (the group must have no other
+        // members, or they would keep their partitions), wait for the assignment, commit, leave.
+        let member: BaseConsumer = self
+            .consumer_config(&s.service)
+            .create()
+            .map_err(|e| Error::config(format!("cannot configure a Kafka consumer: {e}")))?;
+        member
+            .subscribe(&[&topic])
+            .map_err(|e| kafka_err("joining the group to move its offsets", e))?;
+        let deadline = std::time::Instant::now() + self.session_timeout * 2 + META_TIMEOUT;
+        loop {
+            let _ = member.poll(Duration::from_millis(100));
+            let assigned = member
+                .assignment()
+                .map_err(|e| kafka_err("reading the assignment", e))?;
+            if assigned.count() >= partitions.len() && !partitions.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::config(format!(
+                    "cannot move the offsets of group {:?}: other members still hold partitions of {topic}; \
+                     stop the service's consumers and replay again",
+                    s.service
+                )));
+            }
+            tokio::task::yield_now().await;
+        }
+        member
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| kafka_err("moving the group's offsets", e))?;
+        member.unsubscribe();
+        Ok(())
     }
 
     async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {
@@ -418,11 +471,17 @@ impl KafkaSubscriber {
 #[async_trait]
 impl Subscriber for KafkaSubscriber {
     async fn next(&mut self) -> Result<Received> {
-        let msg = self
-            .consumer
-            .recv()
-            .await
-            .map_err(|e| kafka_err("consuming", e))?;
+        // librdkafka reconnects and re-resolves by itself; consumer errors are reports (a topic
+        // not created yet, a broker gone for a moment), not the end of the subscription.
+        let msg = loop {
+            match self.consumer.recv().await {
+                Ok(msg) => break msg,
+                Err(e) => {
+                    tracing::debug!(topic = %self.topic, error = %e, "Kafka consumer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         let (partition, offset) = (msg.partition(), msg.offset());
         let tag = self.next_tag;
         self.next_tag += 1;

@@ -209,7 +209,9 @@ pub async fn competing_instances_handle_each_command_once(h: &dyn ConsumerHarnes
     publish(&h.transport().await, &cmds).await;
     let run = |c: Consumer, mut s: Box<dyn Subscriber>| async move {
         let mut handled = 0;
-        while let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), s.next()).await {
+        // Generous until the first delivery: joining a Kafka group takes a rebalance.
+        let quiet = |handled| Duration::from_secs(if handled == 0 { 15 } else { 3 });
+        while let Ok(Ok(r)) = tokio::time::timeout(quiet(handled), s.next()).await {
             c.handle(s.as_mut(), r).await.unwrap();
             handled += 1;
         }
