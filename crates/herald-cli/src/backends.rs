@@ -16,6 +16,9 @@ pub enum Database {
     Postgres(sqlx::PgPool),
     /// SQLite.
     Sqlite(sqlx::SqlitePool),
+    /// MySQL or MariaDB. Connections run with `ANSI_QUOTES`, so the CLI's own SQL can quote
+    /// identifiers with `"` on every database.
+    MySql(sqlx::MySqlPool),
 }
 
 /// Parses a URL that may hold a password, without ever echoing it.
@@ -23,7 +26,8 @@ pub fn parse_url(what: &str, raw: &str) -> Result<SecretUrl> {
     Ok(SecretUrl::parse(what, raw)?)
 }
 
-/// Connects to `url`. `schema`, for PostgreSQL, sets the search path (the demo's own schema).
+/// Connects to `url`. `schema`, for PostgreSQL, sets the search path (the demo's own schema); for
+/// MySQL it is the database to use.
 pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Database> {
     match url.scheme() {
         "postgres" | "postgresql" => {
@@ -41,13 +45,37 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
                 .with_context(|| format!("cannot connect to the database at {url}"))?;
             Ok(Database::Postgres(pool))
         }
+        "mysql" | "mariadb" => {
+            let raw = url.expose().replacen("mariadb://", "mysql://", 1);
+            let mut opts: sqlx::mysql::MySqlConnectOptions = raw.parse().map_err(|e| {
+                anyhow::anyhow!("database URL {url} is not a valid MySQL URL: {e}")
+            })?;
+            if let Some(schema) = schema {
+                opts = opts.database(schema);
+            }
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query("SET SESSION sql_mode = CONCAT(@@sql_mode, ',ANSI_QUOTES')")
+                            .execute(conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .connect_with(opts)
+                .await
+                .with_context(|| format!("cannot connect to the database at {url}"))?;
+            Ok(Database::MySql(pool))
+        }
         "sqlite" => Ok(Database::Sqlite(
             herald::sqlite::connect(url.expose())
                 .await
                 .with_context(|| format!("cannot open the database at {url}"))?,
         )),
         other => Err(herald::Error::config(format!(
-            "database URL scheme {other:?} is not supported: use postgres://... or sqlite://path"
+            "database URL scheme {other:?} is not supported: use postgres://..., mysql://... or sqlite://path"
         ))
         .into()),
     }
@@ -62,6 +90,9 @@ pub async fn open_store(db: &Database, table: &Identifier) -> Result<Arc<dyn Out
         Database::Sqlite(pool) => {
             Arc::new(herald::sqlite::SqliteOutbox::new(pool.clone(), table.clone()).await?)
         }
+        Database::MySql(pool) => {
+            Arc::new(herald::mysql::MySqlOutbox::new(pool.clone(), table.clone()).await?)
+        }
     })
 }
 
@@ -70,11 +101,13 @@ pub async fn migrate(db: &Database, table: &Identifier) -> Result<()> {
     match db {
         Database::Postgres(pool) => herald::postgres::migrate(pool, table).await?,
         Database::Sqlite(pool) => herald::sqlite::migrate(pool, table).await?,
+        Database::MySql(pool) => herald::mysql::migrate(pool, table).await?,
     }
     Ok(())
 }
 
-/// The broker at `url`: `amqp://` or `amqps://` for RabbitMQ, `sqlite://` for the embedded one.
+/// The broker at `url`: `amqp://` or `amqps://` for RabbitMQ, `nats://` for NATS JetStream,
+/// `kafka://` for Kafka, `redis://` for Redis Streams, `sqlite://` for the embedded one.
 pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
     match url.scheme() {
         "amqp" | "amqps" => Ok(Arc::new(herald::rabbitmq::RabbitTransport::new(
@@ -83,12 +116,31 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
         "nats" | "tls" => Ok(Arc::new(
             herald::nats::NatsTransport::connect(url.clone()).await?,
         )),
+        // `kafka://mock`: librdkafka's in-process mock cluster, for trying herald out without a
+        // Kafka (it lives as long as this process and keeps nothing).
+        "kafka" if url.expose().trim_end_matches('/') == "kafka://mock" => {
+            let cluster = herald::kafka::MockKafka::start(3)?;
+            let real = parse_url("broker", &cluster.url())?;
+            // Kept for the life of the process: the cluster stops when dropped.
+            std::mem::forget(cluster);
+            Ok(Arc::new(
+                herald::kafka::KafkaTransport::connect(real)
+                    .await?
+                    .with_topic_creation(false),
+            ))
+        }
+        "kafka" => Ok(Arc::new(
+            herald::kafka::KafkaTransport::connect(url.clone()).await?,
+        )),
+        "redis" | "rediss" => Ok(Arc::new(
+            herald::redis::RedisTransport::connect(url.clone()).await?,
+        )),
         "sqlite" => Ok(Arc::new(
             herald::embedded::EmbeddedTransport::open(url.expose())
                 .await
                 .with_context(|| format!("cannot open the embedded broker at {url}"))?,
         )),
-        other => Err(herald::Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream) or sqlite://path (embedded)")).into()),
+        other => Err(herald::Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream), kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster), redis://... (Redis Streams) or sqlite://path (embedded)")).into()),
     }
 }
 

@@ -24,10 +24,10 @@ use crate::backends::{self, Database};
 /// Flags of `herald demo`.
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Database URL (postgres://...); default: a SQLite file in a temporary directory.
+    /// Database URL (postgres://..., mysql://...); default: a SQLite file in a temporary directory.
     #[arg(long)]
     database: Option<String>,
-    /// Broker URL (amqp://...); default: the embedded broker in a temporary directory.
+    /// Broker URL (amqp://, nats://, kafka://, redis://); default: the embedded broker in a temporary directory.
     #[arg(long)]
     broker: Option<String>,
     /// Orders to place.
@@ -65,6 +65,16 @@ impl Demo {
                     .await?;
                 sqlx::query(
                     "CREATE TABLE emails (order_id TEXT NOT NULL, message_id TEXT NOT NULL)",
+                )
+                .execute(pool)
+                .await?;
+            }
+            Database::MySql(pool) => {
+                sqlx::query("CREATE TABLE orders (id VARCHAR(64) PRIMARY KEY, status VARCHAR(16) NOT NULL, version INT NOT NULL) ENGINE = InnoDB")
+                    .execute(pool)
+                    .await?;
+                sqlx::query(
+                    "CREATE TABLE emails (order_id VARCHAR(64) NOT NULL, message_id CHAR(36) NOT NULL) ENGINE = InnoDB",
                 )
                 .execute(pool)
                 .await?;
@@ -116,6 +126,23 @@ impl Demo {
                     tx.rollback().await?
                 }
             }
+            Database::MySql(pool) => {
+                let mut tx = pool.begin().await?;
+                let sql = if placing {
+                    "INSERT INTO orders (id, status, version) VALUES (?, 'placed', 1)"
+                } else {
+                    "UPDATE orders SET status = 'paid', version = version + 1 WHERE id = ?"
+                };
+                sqlx::query(sql).bind(order_id).execute(&mut *tx).await?;
+                herald::mysql::MySqlOutboxWriter::new(&self.table)
+                    .enqueue(&mut tx, event)
+                    .await?;
+                if commit {
+                    tx.commit().await?
+                } else {
+                    tx.rollback().await?
+                }
+            }
         }
         Ok(())
     }
@@ -133,6 +160,11 @@ impl Demo {
                 pool.clone(),
                 &self.table,
                 SqliteEmails,
+            )?),
+            Database::MySql(pool) => Arc::new(herald::mysql::MySqlApplier::new(
+                pool.clone(),
+                &self.table,
+                MySqlEmails,
             )?),
         };
         Ok(Consumer::new(
@@ -156,16 +188,28 @@ impl Demo {
                 sqlx::query_scalar(q1).fetch_one(p).await?,
                 sqlx::query_scalar(q2).fetch_one(p).await?,
             ),
+            Database::MySql(p) => (
+                sqlx::query_scalar(q1).fetch_one(p).await?,
+                sqlx::query_scalar(q2).fetch_one(p).await?,
+            ),
         })
     }
 
     async fn teardown(&self) {
-        if let (Database::Postgres(pool), Some(schema)) = (&self.db, &self.schema) {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA \"{schema}\" CASCADE"
-            )))
-            .execute(pool)
-            .await;
+        match (&self.db, &self.schema) {
+            (Database::Postgres(pool), Some(schema)) => {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP SCHEMA \"{schema}\" CASCADE"
+                )))
+                .execute(pool)
+                .await;
+            }
+            (Database::MySql(pool), Some(schema)) => {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE `{schema}`")))
+                    .execute(pool)
+                    .await;
+            }
+            _ => {}
         }
     }
 }
@@ -183,6 +227,26 @@ impl herald::postgres::PgHandler for PgEmails {
             sqlx::query("INSERT INTO emails (order_id, message_id) VALUES ($1, $2)")
                 .bind(m.ordering_key.as_deref())
                 .bind(m.id)
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+struct MySqlEmails;
+
+#[async_trait::async_trait]
+impl herald::mysql::MySqlHandler for MySqlEmails {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::MySqlConnection,
+        m: &Message,
+    ) -> Result<(), herald::BoxError> {
+        if m.message_type == "OrderPlaced" {
+            sqlx::query("INSERT INTO emails (order_id, message_id) VALUES (?, ?)")
+                .bind(m.ordering_key.as_deref())
+                .bind(m.id.to_string())
                 .execute(tx)
                 .await?;
         }
@@ -239,15 +303,22 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let (db, schema) = match &args.database {
         Some(raw) => {
             let url = backends::parse_url("database", raw)?;
-            if !url.scheme().starts_with("postgres") {
-                bail!("--database must be a postgres:// URL (without it the demo uses SQLite)");
-            }
             let schema = format!("herald_demo_{suffix}");
-            let admin = backends::open_database(&url, None).await?;
-            if let Database::Postgres(p) = &admin {
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-                    .execute(p)
-                    .await?;
+            // The demo works in a schema (PostgreSQL) or database (MySQL) of its own.
+            match backends::open_database(&url, None).await? {
+                Database::Postgres(p) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+                        .execute(&p)
+                        .await?;
+                }
+                Database::MySql(p) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{schema}`")))
+                        .execute(&p)
+                        .await?;
+                }
+                Database::Sqlite(_) => bail!(
+                    "--database must be a postgres:// or mysql:// URL (without it the demo uses SQLite)"
+                ),
             }
             (
                 backends::open_database(&url, Some(&schema)).await?,
@@ -283,10 +354,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     eprintln!(
         "demo: seed={seed} orders={} database={} broker={}",
         args.orders,
-        if demo.schema.is_some() {
-            "postgres"
-        } else {
-            "sqlite"
+        match demo.db {
+            Database::Postgres(_) => "postgres",
+            Database::MySql(_) => "mysql",
+            Database::Sqlite(_) => "sqlite",
         },
         broker.describe()
     );

@@ -114,6 +114,8 @@ fn placeholder(db: &Database, n: usize) -> String {
     match db {
         Database::Postgres(_) => format!("${n}"),
         Database::Sqlite(_) => format!("?{n}"),
+        // Positional only: the callers bind in the order the placeholders appear.
+        Database::MySql(_) => "?".to_owned(),
     }
 }
 
@@ -121,13 +123,14 @@ fn micros_of(db: &Database, col: &str) -> String {
     match db {
         Database::Postgres(_) => format!("(extract(epoch FROM {col}) * 1000000)::bigint"),
         Database::Sqlite(_) => col.to_owned(),
+        Database::MySql(_) => format!("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col})"),
     }
 }
 
 fn text_of(db: &Database, col: &str) -> String {
     match db {
         Database::Postgres(_) => format!("{col}::text"),
-        Database::Sqlite(_) => col.to_owned(),
+        Database::Sqlite(_) | Database::MySql(_) => col.to_owned(),
     }
 }
 
@@ -185,6 +188,7 @@ macro_rules! on_db {
         match $db {
             Database::Postgres($pool) => $body,
             Database::Sqlite($pool) => $body,
+            Database::MySql($pool) => $body,
         }
     };
 }
@@ -452,6 +456,10 @@ async fn replay_one(db: &Database, t: &Tables, side: Side, id: i64) -> Result<bo
                 ),
                 Database::Sqlite(_) => format!(
                     "UPDATE \"{}\" SET replay_requested = 1 WHERE id = ?1 AND message_id IS NOT NULL",
+                    t.consumer
+                ),
+                Database::MySql(_) => format!(
+                    "UPDATE \"{}\" SET replay_requested = TRUE WHERE id = ? AND message_id IS NOT NULL",
                     t.consumer
                 ),
             };

@@ -119,5 +119,10 @@ async fn consumer_dead_letters(
                 .fetch_one(p)
                 .await?
         }
+        backends::Database::MySql(p) => {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(p)
+                .await?
+        }
     })
 }

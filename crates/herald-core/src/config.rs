@@ -271,7 +271,10 @@ mod tests {
         let err = SecretUrl::parse("broker", "kafka://u:s3cr3t@k1:9092,k2:9092")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("credentials") && !err.contains("s3cr3t"), "{err}");
+        assert!(
+            err.contains("credentials") && !err.contains("s3cr3t"),
+            "{err}"
+        );
         assert!(SecretUrl::parse("broker", "kafka://k1:9092,k2:notaport").is_err());
     }
 

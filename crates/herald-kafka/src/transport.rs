@@ -48,7 +48,10 @@ fn producer(servers: &str, delivery_timeout: Duration) -> Result<FutureProducer>
         .set("max.in.flight.requests.per.connection", "5")
         .set("linger.ms", "2")
         // An unknown outcome after this long: the relay releases the rows and retries.
-        .set("message.timeout.ms", delivery_timeout.as_millis().to_string())
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().to_string(),
+        )
         .create()
         .map_err(|e| Error::config(format!("cannot configure the Kafka producer: {e}")))
 }
@@ -136,7 +139,11 @@ impl KafkaTransport {
         if !self.create_topics || self.topics.lock().await.contains(topic) {
             return Ok(());
         }
-        let new = NewTopic::new(topic, self.partitions, TopicReplication::Fixed(self.replication));
+        let new = NewTopic::new(
+            topic,
+            self.partitions,
+            TopicReplication::Fixed(self.replication),
+        );
         let results = self
             .admin
             .create_topics(

@@ -97,11 +97,12 @@ herald_testkit::transport_suite!("Kafka", harness());
 /// refused before anything connects, without echoing credentials.
 #[tokio::test]
 async fn bad_urls_and_unreachable_brokers() {
-    let err = KafkaTransport::connect(SecretUrl::parse("broker", "kafka://user:hunter2@h:9092").unwrap())
-        .await
-        .err()
-        .unwrap()
-        .to_string();
+    let err =
+        KafkaTransport::connect(SecretUrl::parse("broker", "kafka://user:hunter2@h:9092").unwrap())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
     assert!(!err.contains("hunter2"), "{err}");
     assert!(err.contains("SASL"), "{err}");
     let t = KafkaTransport::connect(SecretUrl::parse("broker", "kafka://127.0.0.1:1").unwrap())

@@ -144,8 +144,7 @@ impl<H: MySqlHandler> Apply for MySqlApplier<H> {
             .begin()
             .await
             .map_err(|e| db("starting the inbox transaction", e))?;
-        let fresh =
-            crate::inbox::record(&mut tx, &self.sql.inbox, consumer, message.id).await?;
+        let fresh = crate::inbox::record(&mut tx, &self.sql.inbox, consumer, message.id).await?;
         let outcome = if !fresh {
             Applied::Duplicate
         } else if let Some(version) = self.version_of(message)? {

@@ -84,7 +84,9 @@ impl Sql {
                  TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', MIN(created_at)) AS oldest \
                  FROM `{t}` GROUP BY destination"
             ),
-            dead_stats: format!("SELECT destination, COUNT(*) AS n FROM `{dead}` GROUP BY destination"),
+            dead_stats: format!(
+                "SELECT destination, COUNT(*) AS n FROM `{dead}` GROUP BY destination"
+            ),
             table: table.clone(),
             dead,
         })
@@ -293,10 +295,7 @@ impl OutboxStore for MySqlOutbox {
             .execute(&mut *conn)
             .await
             .map_err(|e| db("starting a claim", e))?;
-        let mut tx = conn
-            .begin()
-            .await
-            .map_err(|e| db("starting a claim", e))?;
+        let mut tx = conn.begin().await.map_err(|e| db("starting a claim", e))?;
         let busy: Vec<String> = sqlx::query_scalar(AssertSqlSafe(self.sql.busy.as_str()))
             .fetch_all(&mut *tx)
             .await

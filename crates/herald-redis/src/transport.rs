@@ -28,7 +28,11 @@ fn redis_err(what: &str, e: RedisError) -> Error {
     Error::unavailable(format!("Redis ({what})"), e)
 }
 
-async fn manager(client: &redis::Client, url: &SecretUrl, response: Duration) -> Result<ConnectionManager> {
+async fn manager(
+    client: &redis::Client,
+    url: &SecretUrl,
+    response: Duration,
+) -> Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(response))
@@ -106,10 +110,20 @@ impl RedisTransport {
     }
 }
 
-async fn config_get(conn: &mut ConnectionManager, name: &str) -> redis::RedisResult<Option<String>> {
-    let v: Value = redis::cmd("CONFIG").arg("GET").arg(name).query_async(conn).await?;
+async fn config_get(
+    conn: &mut ConnectionManager,
+    name: &str,
+) -> redis::RedisResult<Option<String>> {
+    let v: Value = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await?;
     let pairs = pairs(v);
-    Ok(pairs.into_iter().find(|(k, _)| k == name).and_then(|(_, v)| text(&v)))
+    Ok(pairs
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| text(&v)))
 }
 
 /// Key/value pairs of a RESP2 flat array or a RESP3 map.

@@ -147,6 +147,9 @@ mod tests {
         for bad in ["", "a b", "a\nb", "a*", &"x".repeat(201)] {
             assert!(check_destination(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(stream_key(Kind::Command, "billing"), "herald:commands:billing");
+        assert_eq!(
+            stream_key(Kind::Command, "billing"),
+            "herald:commands:billing"
+        );
     }
 }

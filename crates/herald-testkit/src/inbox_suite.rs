@@ -166,11 +166,7 @@ pub async fn dead_letters_keep_the_reason_and_replay_once(h: &dyn InboxHarness) 
     assert_eq!(
         dead,
         vec![
-            (
-                Some(parked.id),
-                "handler kept failing: boom".to_owned(),
-                5
-            ),
+            (Some(parked.id), "handler kept failing: boom".to_owned(), 5),
             (
                 Some(applied_meanwhile.id),
                 "handler kept failing".to_owned(),
@@ -231,7 +227,10 @@ pub async fn inbox_retention_purges_in_batches(h: &dyn InboxHarness) {
             .await
             .unwrap();
     }
-    assert_eq!(a.purge_inbox(Duration::from_secs(3600), 10).await.unwrap(), 0);
+    assert_eq!(
+        a.purge_inbox(Duration::from_secs(3600), 10).await.unwrap(),
+        0
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(a.purge_inbox(Duration::ZERO, 2).await.unwrap(), 2);
     assert_eq!(a.purge_inbox(Duration::ZERO, 10).await.unwrap(), 3);

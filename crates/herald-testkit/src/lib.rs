@@ -2,9 +2,9 @@
 //! herald's own tests, `herald demo`, and anyone testing their setup.
 
 pub mod consumer_suite;
-pub mod inbox_suite;
 mod flaky;
 mod history;
+pub mod inbox_suite;
 mod proxy;
 pub mod suite;
 pub mod transport_suite;

@@ -54,11 +54,18 @@ pub async fn round_trip_keeps_every_attribute(h: &dyn ConsumerHarness) {
     let sub = Subscription::events(h.unique("attrs"), "svc");
     let t = h.transport().await;
     let mut s = t.subscribe(&sub).await.unwrap();
-    let m = Message::event(&sub.destination, "OrderPlaced", b"\x00\xffbinary{}".to_vec())
-        .with_key("order-1")
-        .with_source("/shop/orders")
-        .with_header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
-        .with_header("tenant", "acme");
+    let m = Message::event(
+        &sub.destination,
+        "OrderPlaced",
+        b"\x00\xffbinary{}".to_vec(),
+    )
+    .with_key("order-1")
+    .with_source("/shop/orders")
+    .with_header(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    .with_header("tenant", "acme");
     publish_ok(&t, std::slice::from_ref(&m)).await;
     let got = next(&mut s).await.expect_message();
     s.ack(got.tag).await.unwrap();
@@ -72,7 +79,10 @@ pub async fn round_trip_keeps_every_attribute(h: &dyn ConsumerHarness) {
     assert_eq!(back.headers, m.headers);
     assert_eq!(back.content_type, m.content_type);
     assert_eq!(back.payload, m.payload);
-    assert_eq!(back.created_at_micros() / 1000, m.created_at_micros() / 1000);
+    assert_eq!(
+        back.created_at_micros() / 1000,
+        m.created_at_micros() / 1000
+    );
     assert!(!got.redelivered, "a first delivery is not a redelivery");
 }
 
@@ -108,8 +118,14 @@ pub async fn per_key_order_is_kept(h: &dyn ConsumerHarness) {
 pub async fn each_service_gets_every_event(h: &dyn ConsumerHarness) {
     let topic = h.unique("fanout");
     let t = h.transport().await;
-    let mut a = t.subscribe(&Subscription::events(&topic, "billing")).await.unwrap();
-    let mut b = t.subscribe(&Subscription::events(&topic, "shipping")).await.unwrap();
+    let mut a = t
+        .subscribe(&Subscription::events(&topic, "billing"))
+        .await
+        .unwrap();
+    let mut b = t
+        .subscribe(&Subscription::events(&topic, "shipping"))
+        .await
+        .unwrap();
     let msgs: Vec<Message> = (0..5u8)
         .map(|i| Message::event(&topic, "E", vec![i]))
         .collect();
@@ -175,13 +191,18 @@ pub async fn unacknowledged_goes_to_another_instance(h: &dyn ConsumerHarness) {
     drop(first); // crash: no ack, no nack
     let mut second = h.transport().await.subscribe(&sub).await.unwrap();
     let again = next(&mut second).await.expect_message();
-    assert_eq!(again.message.id, lost.id, "the acknowledged message came back");
+    assert_eq!(
+        again.message.id, lost.id,
+        "the acknowledged message came back"
+    );
     if caps.flags_redeliveries {
         assert!(again.redelivered, "the broker should flag the redelivery");
     }
     second.ack(again.tag).await.unwrap();
     assert!(
-        maybe_next(&mut second, Duration::from_secs(1)).await.is_none(),
+        maybe_next(&mut second, Duration::from_secs(1))
+            .await
+            .is_none(),
         "nothing else is left"
     );
 }
@@ -249,9 +270,12 @@ pub async fn replay_matches_the_flag(h: &dyn ConsumerHarness) {
     drop(s);
     let after_third = msgs[2].created_at;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    t.replay(&sub, ReplayFrom::Time(after_third + Duration::from_millis(1)))
-        .await
-        .unwrap();
+    t.replay(
+        &sub,
+        ReplayFrom::Time(after_third + Duration::from_millis(1)),
+    )
+    .await
+    .unwrap();
     // Published in one batch within a millisecond or so: at most the last message is after it.
     let mut s = t.subscribe(&sub).await.unwrap();
     let mut n = 0;
@@ -279,7 +303,10 @@ pub async fn oversized_payload_is_rejected_alone(h: &dyn ConsumerHarness) {
     let results = t.publish(&[small.clone(), big, after.clone()]).await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     let err = results[1].as_ref().unwrap_err();
-    assert!(!err.is_transient(), "an oversized message is refused for good: {err}");
+    assert!(
+        !err.is_transient(),
+        "an oversized message is refused for good: {err}"
+    );
     let text = err.to_string().to_lowercase();
     assert!(
         text.contains("large") || text.contains("limit") || text.contains("size"),

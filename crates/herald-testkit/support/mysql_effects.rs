@@ -12,7 +12,8 @@ use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool, Row};
 use uuid::Uuid;
 
 pub fn mysql_url() -> String {
-    std::env::var("HERALD_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+    std::env::var("HERALD_TEST_MYSQL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
 }
 
 /// A fresh database on the test server and a pool on it.
@@ -118,11 +119,13 @@ impl MySqlEffects {
     }
 
     pub async fn effects(&self, service: &str) -> Vec<(Uuid, Option<String>)> {
-        let rows = sqlx::query("SELECT message_id, ordering_key FROM effects WHERE service = ? ORDER BY seq")
-            .bind(service)
-            .fetch_all(&self.pool)
-            .await
-            .unwrap();
+        let rows = sqlx::query(
+            "SELECT message_id, ordering_key FROM effects WHERE service = ? ORDER BY seq",
+        )
+        .bind(service)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
         rows.iter()
             .map(|r| (Uuid::parse_str(&r.get::<String, _>(0)).unwrap(), r.get(1)))
             .collect()

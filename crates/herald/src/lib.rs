@@ -56,3 +56,15 @@ pub use herald_nats as nats;
 /// The embedded, zero-server transport.
 #[cfg(feature = "embedded")]
 pub use herald_embedded as embedded;
+
+/// MySQL and MariaDB storage.
+#[cfg(feature = "mysql")]
+pub use herald_mysql as mysql;
+
+/// Redis Streams transport.
+#[cfg(feature = "redis")]
+pub use herald_redis as redis;
+
+/// Kafka transport (builds librdkafka).
+#[cfg(feature = "kafka")]
+pub use herald_kafka as kafka;

@@ -37,6 +37,7 @@ impl BenchDb {
             Database::Sqlite(p) => {
                 sqlx::query(ddl).execute(p).await?;
             }
+            Database::MySql(_) => unreachable!("the bench refuses MySQL at start-up"),
         }
         Ok(BenchDb {
             db,
@@ -78,6 +79,7 @@ impl BenchDb {
                 }
                 tx.commit().await?;
             }
+            Database::MySql(_) => unreachable!("the bench refuses MySQL at start-up"),
         }
         Ok(())
     }
@@ -102,6 +104,7 @@ impl BenchDb {
                     }
                     tx.commit().await?;
                 }
+                Database::MySql(_) => unreachable!("the bench refuses MySQL at start-up"),
             }
         }
         Ok(())
@@ -184,6 +187,7 @@ impl BenchDb {
                     .await?;
                 format!("SQLite {v}, journal_mode={jm}, synchronous={sync} (2 = FULL)")
             }
+            Database::MySql(_) => unreachable!("the bench refuses MySQL at start-up"),
         })
     }
 

@@ -43,6 +43,7 @@ impl Env {
             Database::Sqlite(p) => {
                 Arc::new(herald::sqlite::SqliteOutbox::new(p.clone(), self.db.table.clone()).await?)
             }
+            Database::MySql(_) => unreachable!("the bench refuses MySQL at start-up"),
         };
         Ok(Relay::new(
             store,
@@ -310,6 +311,7 @@ pub async fn steady(
             &env.db.table,
             Noop,
         )?),
+        Database::MySql(_) => unreachable!("the bench refuses MySQL at start-up"),
     };
     let apply: Arc<dyn herald::Apply> = Arc::new(TimingApply {
         inner: apply,

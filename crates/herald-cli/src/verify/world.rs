@@ -18,6 +18,7 @@ macro_rules! on_pool {
         match $db {
             Database::Postgres($pool) => $body,
             Database::Sqlite($pool) => $body,
+            Database::MySql($pool) => $body,
         }
     };
 }
@@ -73,6 +74,7 @@ pub async fn setup(db: &Database, t: &Tables, keys: usize) -> Result<()> {
     let serial = match db {
         Database::Postgres(_) => "BIGSERIAL PRIMARY KEY",
         Database::Sqlite(_) => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        Database::MySql(_) => unreachable!("verify refuses MySQL at start-up"),
     };
     let ddl = [
         format!(
@@ -245,6 +247,7 @@ pub async fn transact(
     match db {
         Database::Postgres(p) => body!(p, herald::postgres::PgOutboxWriter::new(&t.outbox)),
         Database::Sqlite(p) => body!(p, herald::sqlite::SqliteOutboxWriter::new(&t.outbox)),
+        Database::MySql(_) => unreachable!("verify refuses MySQL at start-up"),
     }
 }
 
@@ -394,6 +397,7 @@ pub async fn durability(db: &Database) -> Vec<String> {
                 journal.unwrap_or_else(|_| "?".into())
             ));
         }
+        Database::MySql(_) => unreachable!("verify refuses MySQL at start-up"),
     }
     out
 }
