@@ -209,7 +209,7 @@ async fn writer_runs_no_ddl_in_the_callers_transaction() {
     assert_eq!(seen, 0, "rolled back: nothing left");
     let err = writer
         .publish(
-            &mut *h.pool.acquire().await.unwrap(),
+            &mut h.pool.acquire().await.unwrap(),
             &Message::command("q", "C", vec![]),
         )
         .await

@@ -158,6 +158,9 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// A stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
 /// The per-stream entry lists of an `XREADGROUP` reply: `[[key, entries], ...]` in RESP2, a map
 /// from key to entries in RESP3; nil when the read timed out.
 fn streams(v: Value) -> Vec<Value> {
@@ -175,7 +178,7 @@ fn streams(v: Value) -> Vec<Value> {
 }
 
 /// Stream entries `[[id, [field, value, ...]], ...]`; entries without fields (deleted) are skipped.
-fn entries(v: Value) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+fn entries(v: Value) -> Vec<Entry> {
     let Value::Array(items) = v else {
         return Vec::new();
     };
@@ -428,7 +431,7 @@ struct RedisSubscriber {
 }
 
 impl RedisSubscriber {
-    fn take(&mut self, found: Vec<(String, Vec<(String, Vec<u8>)>)>, redelivered: bool) {
+    fn take(&mut self, found: Vec<Entry>, redelivered: bool) {
         for (id, fields) in found {
             let tag = self.next_tag;
             self.next_tag += 1;
