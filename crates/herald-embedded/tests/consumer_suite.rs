@@ -33,7 +33,7 @@ impl ConsumerHarness for Embedded {
             broker_dedup: false,
             replay: true,
             flags_redeliveries: true,
-            commands_need_owner: false,
+            commands_need_owner: true,
             rebalance_redelivers: false,
             max_payload: None,
         }

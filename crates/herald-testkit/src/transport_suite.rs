@@ -147,22 +147,33 @@ pub async fn competing_instances_share_messages(h: &dyn ConsumerHarness) {
     }
     let sub = Subscription::commands(h.unique("compete"), "billing");
     let t = h.transport().await;
-    let mut a = t.subscribe(&sub).await.unwrap();
-    let mut b = t.subscribe(&sub).await.unwrap();
+    let a = t.subscribe(&sub).await.unwrap();
+    let b = t.subscribe(&sub).await.unwrap();
     let msgs: Vec<Message> = (0..20u8)
         .map(|i| Message::command(&sub.destination, "C", vec![i]).with_key(format!("k{i}")))
         .collect();
     publish_ok(&t, &msgs).await;
-    let mut seen: HashMap<Uuid, u32> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while seen.len() < msgs.len() && tokio::time::Instant::now() < deadline {
-        for s in [&mut a, &mut b] {
-            if let Some(r) = maybe_next(s, Duration::from_millis(200)).await {
-                let d = r.expect_message();
-                s.ack(d.tag).await.unwrap();
-                *seen.entry(d.message.id).or_default() += 1;
+    // Each instance consumes on its own until it has been idle a while (a cancelled `next` may
+    // have taken a delivery that then comes back after the visibility timeout, so never race
+    // the two instances' `next` calls against a short timer).
+    let run = |mut s: Box<dyn Subscriber>| async move {
+        let mut ids = Vec::new();
+        loop {
+            let quiet = Duration::from_secs(if ids.is_empty() { 15 } else { 3 });
+            match tokio::time::timeout(quiet, s.next()).await {
+                Ok(r) => {
+                    let d = r.expect("next delivery").expect_message();
+                    s.ack(d.tag).await.unwrap();
+                    ids.push(d.message.id);
+                }
+                Err(_) => return ids,
             }
         }
+    };
+    let (ids_a, ids_b) = tokio::join!(run(a), run(b));
+    let mut seen: HashMap<Uuid, u32> = HashMap::new();
+    for id in ids_a.into_iter().chain(ids_b) {
+        *seen.entry(id).or_default() += 1;
     }
     assert_eq!(seen.len(), msgs.len(), "every command reached an instance");
     if !caps.rebalance_redelivers {
