@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+pub mod cloudevents;
 pub mod config;
 pub mod consumer;
 pub mod error;

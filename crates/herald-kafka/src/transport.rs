@@ -543,27 +543,17 @@ impl Subscriber for KafkaSubscriber {
 
     async fn nack(&mut self, tag: u64) -> Result<()> {
         // Kafka has no per-message "give back": rewind the partition to this message, so it and
-        // everything after it come again (the inbox drops the ones already applied). The offset
-        // stays outstanding, which holds the committed offset below it until it is acknowledged.
+        // everything after it come again (the inbox drops the ones already applied).
         let (partition, offset) = self
             .unacked
-            .get(&tag)
-            .copied()
+            .remove(&tag)
             .ok_or_else(|| Error::config(format!("unknown delivery tag {tag}")))?;
-        self.unacked.remove(&tag);
         self.consumer
             .seek(&self.topic, partition, Offset::Offset(offset), META_TIMEOUT)
             .map_err(|e| kafka_err("rewinding to a message given back", e))?;
         self.rewound.insert(partition, offset + 1);
-        if let Some(o) = self.outstanding.get_mut(&partition)
-            && let Some(n) = o.get_mut(&offset)
-        {
-            *n -= 1;
-            if *n == 0 {
-                o.remove(&offset);
-            }
-        }
-        // Hold the commit below the rewound offset until its redelivery is acknowledged.
+        // Forget this and later deliveries of the partition (they come again) and hold the commit
+        // at this offset until its redelivery is acknowledged.
         let o = self.outstanding.entry(partition).or_default();
         o.retain(|k, _| *k < offset);
         self.next_offset.insert(partition, offset);

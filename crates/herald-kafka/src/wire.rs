@@ -3,22 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use herald_core::message::{parse_rfc3339, rfc3339};
-use herald_core::{Error, Kind, Message, Result};
+use herald_core::{Error, Kind, Message, Result, cloudevents};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-
-/// Sent as `source` when a message has none.
-pub const DEFAULT_SOURCE: &str = "/herald";
-
-const RESERVED: [&str; 7] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "time",
-    "partitionkey",
-    "heraldkind",
-];
 
 /// Checks that a topic or queue name is a legal Kafka topic name (after the `commands.` prefix
 /// for commands): 1 to 240 letters, digits, `.`, `_` and `-`.
@@ -50,36 +36,19 @@ pub fn topic(kind: Kind, destination: &str) -> String {
 
 /// The record headers for `m`: `ce_` attributes and `content-type`.
 pub fn headers(m: &Message) -> OwnedHeaders {
-    let id = m.id.to_string();
-    let time = rfc3339(m.created_at);
-    let source = if m.source.is_empty() {
-        DEFAULT_SOURCE
-    } else {
-        m.source.as_str()
-    };
-    let mut h = OwnedHeaders::new_with_capacity(8 + m.headers.len());
-    for (k, v) in [
-        ("ce_specversion", "1.0"),
-        ("ce_id", id.as_str()),
-        ("ce_source", source),
-        ("ce_type", m.message_type.as_str()),
-        ("ce_time", time.as_str()),
-        ("ce_heraldkind", m.kind.as_str()),
-        ("content-type", m.content_type.as_str()),
-    ] {
+    // The partition key travels as the record key (the Kafka binding), not as a header.
+    let attrs = cloudevents::attributes(m);
+    let mut h = OwnedHeaders::new_with_capacity(attrs.len() + 1);
+    for (k, v) in attrs.iter().filter(|(k, _)| k != "partitionkey") {
         h = h.insert(Header {
-            key: k,
-            value: Some(v),
+            key: &format!("ce_{k}"),
+            value: Some(v.as_str()),
         });
     }
-    for (k, v) in &m.headers {
-        if !RESERVED.contains(&k.as_str()) {
-            h = h.insert(Header {
-                key: &format!("ce_{k}"),
-                value: Some(v.as_str()),
-            });
-        }
-    }
+    h = h.insert(Header {
+        key: "content-type",
+        value: Some(m.content_type.as_str()),
+    });
     h
 }
 
@@ -106,38 +75,14 @@ pub fn decode(
             }
         }
     }
-    let missing = |what: &str| Error::Decode {
-        reason: format!("missing CloudEvents header ce_{what}"),
-    };
-    let id_text = attrs.remove("id").ok_or_else(|| missing("id"))?;
-    let id = uuid::Uuid::parse_str(&id_text).map_err(|e| Error::Decode {
-        reason: format!("ce_id {id_text:?} is not a UUID: {e}"),
-    })?;
-    let message_type = attrs.remove("type").ok_or_else(|| missing("type"))?;
-    let ordering_key = match key {
-        Some(k) => Some(String::from_utf8(k.to_vec()).map_err(|_| Error::Decode {
+    // The record key is the partition key.
+    if let Some(k) = key {
+        let key = String::from_utf8(k.to_vec()).map_err(|_| Error::Decode {
             reason: "the record key is not UTF-8".to_owned(),
-        })?),
-        None => attrs.remove("partitionkey"),
-    };
-    attrs.remove("partitionkey");
-    attrs.remove("heraldkind");
-    attrs.remove("specversion");
-    Ok(Message {
-        id,
-        kind,
-        message_type,
-        source: attrs.remove("source").unwrap_or_default(),
-        destination: destination.to_owned(),
-        ordering_key,
-        created_at: attrs
-            .remove("time")
-            .and_then(|t| parse_rfc3339(&t))
-            .unwrap_or_else(std::time::SystemTime::now),
-        headers: attrs,
-        content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
-        payload,
-    })
+        })?;
+        attrs.insert("partitionkey".to_owned(), key);
+    }
+    cloudevents::from_attributes(attrs, "ce_", kind, destination, content_type, payload)
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ struct Sql {
     dead: Identifier,
     busy: String,
     candidates: String,
+    complete: String,
+    release: String,
     dead_letter: String,
     delete_one: String,
     reject: String,
@@ -66,6 +68,10 @@ impl Sql {
             candidates: format!(
                 "SELECT {COLS} FROM `{t}` WHERE (lease_until IS NULL OR lease_until < UTC_TIMESTAMP(6)) {{busy}} \
                  ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED"
+            ),
+            complete: format!("DELETE FROM `{t}` WHERE lease_token = ?"),
+            release: format!(
+                "UPDATE `{t}` SET lease_owner = NULL, lease_token = NULL, lease_until = NULL WHERE lease_token = ?"
             ),
             dead_letter: format!(
                 "INSERT INTO `{dead}` (id, message_id, kind, message_type, source, destination, ordering_key, \
@@ -183,36 +189,18 @@ impl MySqlOutbox {
             .collect())
     }
 
-    async fn by_lease(&self, verb: &str, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+    /// Runs `head` (a statement ending in `WHERE lease_token = ?`) for `seqs`, returning the rows
+    /// touched: the ones still under `lease`.
+    async fn by_lease(&self, head: &str, what: &str, lease: &Lease, seqs: &[i64]) -> Result<u64> {
         if seqs.is_empty() {
             return Ok(0);
         }
-        let t = &self.sql.table;
-        let sql = match verb {
-            "complete" => format!(
-                "DELETE FROM `{t}` WHERE lease_token = ? AND id IN ({})",
-                marks(seqs.len())
-            ),
-            _ => format!(
-                "UPDATE `{t}` SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
-                 WHERE lease_token = ? AND id IN ({})",
-                marks(seqs.len())
-            ),
-        };
+        let sql = format!("{head} AND id IN ({})", marks(seqs.len()));
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind(lease.token);
         for s in seqs {
             q = q.bind(*s);
         }
-        let done = q.execute(&self.pool).await.map_err(|e| {
-            db(
-                if verb == "complete" {
-                    "marking outbox rows published"
-                } else {
-                    "releasing outbox rows"
-                },
-                e,
-            )
-        })?;
+        let done = q.execute(&self.pool).await.map_err(|e| db(what, e))?;
         Ok(done.rows_affected())
     }
 }
@@ -373,11 +361,18 @@ impl OutboxStore for MySqlOutbox {
     }
 
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
-        self.by_lease("complete", lease, seqs).await
+        self.by_lease(
+            &self.sql.complete,
+            "marking outbox rows published",
+            lease,
+            seqs,
+        )
+        .await
     }
 
     async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
-        self.by_lease("release", lease, seqs).await
+        self.by_lease(&self.sql.release, "releasing outbox rows", lease, seqs)
+            .await
     }
 
     async fn record_rejection(

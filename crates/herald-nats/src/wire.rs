@@ -3,21 +3,7 @@
 use std::collections::BTreeMap;
 
 use async_nats::HeaderMap;
-use herald_core::message::{parse_rfc3339, rfc3339};
-use herald_core::{Error, Kind, Message, Result};
-
-/// Sent as `source` when a message has none.
-pub const DEFAULT_SOURCE: &str = "/herald";
-
-const RESERVED: [&str; 7] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "time",
-    "partitionkey",
-    "heraldkind",
-];
+use herald_core::{Error, Kind, Message, Result, cloudevents};
 
 /// Checks that a topic or queue name can be a subject suffix: letters, digits, `_`, `-` and `.`
 /// between tokens, at most 200 bytes. Wildcards and `$`-prefixed system subjects are refused so
@@ -83,28 +69,10 @@ pub fn durable_name(service: &str) -> String {
 pub fn headers(m: &Message) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Msg-Id", m.id.to_string().as_str());
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", m.id.to_string().as_str());
-    h.insert(
-        "ce-source",
-        if m.source.is_empty() {
-            DEFAULT_SOURCE
-        } else {
-            m.source.as_str()
-        },
-    );
-    h.insert("ce-type", m.message_type.as_str());
-    h.insert("ce-time", rfc3339(m.created_at).as_str());
-    h.insert("ce-heraldkind", m.kind.as_str());
+    for (k, v) in cloudevents::attributes(m) {
+        h.insert(format!("ce-{k}").as_str(), v.as_str());
+    }
     h.insert("content-type", m.content_type.as_str());
-    if let Some(key) = &m.ordering_key {
-        h.insert("ce-partitionkey", key.as_str());
-    }
-    for (k, v) in &m.headers {
-        if !RESERVED.contains(&k.as_str()) {
-            h.insert(format!("ce-{k}").as_str(), v.as_str());
-        }
-    }
     h
 }
 
@@ -130,31 +98,7 @@ pub fn decode(
             }
         }
     }
-    let missing = |what: &str| Error::Decode {
-        reason: format!("missing CloudEvents header ce-{what}"),
-    };
-    let id_text = attrs.remove("id").ok_or_else(|| missing("id"))?;
-    let id = uuid::Uuid::parse_str(&id_text).map_err(|e| Error::Decode {
-        reason: format!("ce-id {id_text:?} is not a UUID: {e}"),
-    })?;
-    let message_type = attrs.remove("type").ok_or_else(|| missing("type"))?;
-    attrs.remove("heraldkind");
-    attrs.remove("specversion");
-    Ok(Message {
-        id,
-        kind,
-        message_type,
-        source: attrs.remove("source").unwrap_or_default(),
-        destination: destination.to_owned(),
-        ordering_key: attrs.remove("partitionkey"),
-        created_at: attrs
-            .remove("time")
-            .and_then(|t| parse_rfc3339(&t))
-            .unwrap_or_else(std::time::SystemTime::now),
-        headers: attrs,
-        content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
-        payload: body,
-    })
+    cloudevents::from_attributes(attrs, "ce-", kind, destination, content_type, body)
 }
 
 #[cfg(test)]

@@ -4,23 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use herald_core::message::{parse_rfc3339, rfc3339};
-use herald_core::{Error, Kind, Message, Result};
+use herald_core::{Kind, Message, Result, cloudevents};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-
-/// Source sent when a message has none (CloudEvents requires a non-empty `source`).
-pub const DEFAULT_SOURCE: &str = "/herald";
-
-const RESERVED: [&str; 7] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "time",
-    "partitionkey",
-    "heraldkind",
-];
 
 /// AMQP properties and headers for `m`.
 pub fn properties(m: &Message) -> BasicProperties {
@@ -31,26 +17,8 @@ pub fn properties(m: &Message) -> BasicProperties {
             AMQPValue::LongString(v.into()),
         );
     };
-    put("specversion", "1.0");
-    put("id", &m.id.to_string());
-    put(
-        "source",
-        if m.source.is_empty() {
-            DEFAULT_SOURCE
-        } else {
-            &m.source
-        },
-    );
-    put("type", &m.message_type);
-    put("time", &rfc3339(m.created_at));
-    put("heraldkind", m.kind.as_str());
-    if let Some(key) = &m.ordering_key {
-        put("partitionkey", key);
-    }
-    for (k, v) in &m.headers {
-        if !RESERVED.contains(&k.as_str()) {
-            put(k, v);
-        }
+    for (k, v) in cloudevents::attributes(m) {
+        put(&k, &v);
     }
     let micros = m.created_at_micros();
     BasicProperties::default()
@@ -81,43 +49,23 @@ pub fn decode(destination: &str, props: &BasicProperties, body: Vec<u8>) -> Resu
             }
         }
     }
-    let missing = |what: &str| Error::Decode {
-        reason: format!("missing CloudEvents attribute ce-{what}"),
-    };
-    let id_text = attrs
-        .remove("id")
-        .or_else(|| props.message_id().as_ref().map(|s| s.to_string()))
-        .ok_or_else(|| missing("id"))?;
-    let id = uuid::Uuid::parse_str(&id_text).map_err(|e| Error::Decode {
-        reason: format!("ce-id {id_text:?} is not a UUID: {e}"),
-    })?;
-    let message_type = attrs.remove("type").ok_or_else(|| missing("type"))?;
-    let kind = match attrs.remove("heraldkind").as_deref() {
+    if !attrs.contains_key("id")
+        && let Some(id) = props.message_id()
+    {
+        attrs.insert("id".to_owned(), id.to_string());
+    }
+    let kind = match attrs.get("heraldkind").map(String::as_str) {
         Some("command") => Kind::Command,
         _ => Kind::Event,
     };
-    let created_at = attrs
-        .remove("time")
-        .and_then(|t| parse_rfc3339(&t))
-        .unwrap_or_else(std::time::SystemTime::now);
-    let source = attrs.remove("source").unwrap_or_default();
-    let ordering_key = attrs.remove("partitionkey");
-    attrs.remove("specversion");
-    Ok(Message {
-        id,
+    cloudevents::from_attributes(
+        attrs,
+        "ce-",
         kind,
-        message_type,
-        source,
-        destination: destination.to_owned(),
-        ordering_key,
-        headers: attrs,
-        content_type: props
-            .content_type()
-            .as_ref()
-            .map_or_else(|| "application/octet-stream".to_owned(), |c| c.to_string()),
-        payload: body,
-        created_at,
-    })
+        destination,
+        props.content_type().as_ref().map(|c| c.to_string()),
+        body,
+    )
 }
 
 #[cfg(test)]

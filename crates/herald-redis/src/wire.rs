@@ -2,24 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use herald_core::message::{parse_rfc3339, rfc3339};
-use herald_core::{Error, Kind, Message, Result};
-
-/// Sent as `source` when a message has none.
-pub const DEFAULT_SOURCE: &str = "/herald";
+use herald_core::{Error, Kind, Message, Result, cloudevents};
 
 /// The entry field holding the payload.
 pub const DATA: &str = "data";
-
-const RESERVED: [&str; 7] = [
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "time",
-    "partitionkey",
-    "heraldkind",
-];
 
 /// Checks that a topic or queue name is usable in a stream key: 1 to 200 bytes of letters,
 /// digits, `_`, `-`, `.` and `:`.
@@ -49,30 +35,11 @@ pub fn stream_key(kind: Kind, destination: &str) -> String {
 /// The entry fields for `m`, in order: CloudEvents attributes as `ce-` fields (binary mode, as on
 /// the other brokers), `content-type`, then the payload as `data`.
 pub fn fields(m: &Message) -> Vec<(String, Vec<u8>)> {
-    let mut f: Vec<(String, Vec<u8>)> = vec![
-        ("ce-specversion".into(), b"1.0".to_vec()),
-        ("ce-id".into(), m.id.to_string().into_bytes()),
-        (
-            "ce-source".into(),
-            if m.source.is_empty() {
-                DEFAULT_SOURCE.as_bytes().to_vec()
-            } else {
-                m.source.as_bytes().to_vec()
-            },
-        ),
-        ("ce-type".into(), m.message_type.as_bytes().to_vec()),
-        ("ce-time".into(), rfc3339(m.created_at).into_bytes()),
-        ("ce-heraldkind".into(), m.kind.as_str().as_bytes().to_vec()),
-        ("content-type".into(), m.content_type.as_bytes().to_vec()),
-    ];
-    if let Some(key) = &m.ordering_key {
-        f.push(("ce-partitionkey".into(), key.as_bytes().to_vec()));
-    }
-    for (k, v) in &m.headers {
-        if !RESERVED.contains(&k.as_str()) {
-            f.push((format!("ce-{k}"), v.as_bytes().to_vec()));
-        }
-    }
+    let mut f: Vec<(String, Vec<u8>)> = cloudevents::attributes(m)
+        .into_iter()
+        .map(|(k, v)| (format!("ce-{k}"), v.into_bytes()))
+        .collect();
+    f.push(("content-type".into(), m.content_type.as_bytes().to_vec()));
     f.push((DATA.into(), m.payload.clone()));
     f
 }
@@ -97,34 +64,14 @@ pub fn decode(kind: Kind, destination: &str, fields: Vec<(String, Vec<u8>)>) -> 
             content_type = Some(text);
         }
     }
-    let missing = |what: &str| Error::Decode {
-        reason: format!("missing CloudEvents field ce-{what}"),
+    let Some(payload) = payload else {
+        // Report a missing attribute first: an entry that is not herald's at all says so.
+        cloudevents::from_attributes(attrs, "ce-", kind, destination, content_type, Vec::new())?;
+        return Err(Error::Decode {
+            reason: format!("missing field {DATA:?}"),
+        });
     };
-    let id_text = attrs.remove("id").ok_or_else(|| missing("id"))?;
-    let id = uuid::Uuid::parse_str(&id_text).map_err(|e| Error::Decode {
-        reason: format!("ce-id {id_text:?} is not a UUID: {e}"),
-    })?;
-    let message_type = attrs.remove("type").ok_or_else(|| missing("type"))?;
-    let payload = payload.ok_or_else(|| Error::Decode {
-        reason: format!("missing field {DATA:?}"),
-    })?;
-    attrs.remove("heraldkind");
-    attrs.remove("specversion");
-    Ok(Message {
-        id,
-        kind,
-        message_type,
-        source: attrs.remove("source").unwrap_or_default(),
-        destination: destination.to_owned(),
-        ordering_key: attrs.remove("partitionkey"),
-        created_at: attrs
-            .remove("time")
-            .and_then(|t| parse_rfc3339(&t))
-            .unwrap_or_else(std::time::SystemTime::now),
-        headers: attrs,
-        content_type: content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
-        payload,
-    })
+    cloudevents::from_attributes(attrs, "ce-", kind, destination, content_type, payload)
 }
 
 #[cfg(test)]
