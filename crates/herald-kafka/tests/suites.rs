@@ -81,6 +81,13 @@ impl ConsumerHarness for Kafka {
         .unwrap();
     }
 
+    fn replays_by_time(&self) -> bool {
+        // librdkafka's mock cluster answers a ListOffsets by timestamp with the end offset
+        // ("FIXME: by timestamp" in rdkafka_mock_handlers.c): replay from a time cannot be
+        // checked against it.
+        false
+    }
+
     fn unique(&self, what: &str) -> String {
         herald_testkit::unique(what)
     }

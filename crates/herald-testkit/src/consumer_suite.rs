@@ -59,6 +59,12 @@ pub trait ConsumerHarness: Send + Sync {
     async fn publish_garbage(&self, subscription: &Subscription);
     /// A name unique to this test, for topics and queues.
     fn unique(&self, what: &str) -> String;
+    /// Whether the test broker can look messages up by time, for `replay` from a time (true
+    /// unless a test double lacks it: librdkafka's mock cluster answers every timestamp lookup
+    /// with the end of the partition).
+    fn replays_by_time(&self) -> bool {
+        true
+    }
     /// Removes what the test created.
     async fn cleanup(&self) {}
 }
