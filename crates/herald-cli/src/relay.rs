@@ -130,6 +130,10 @@ impl Transport for MidBatch {
     async fn subscribe(&self, s: &Subscription) -> herald::Result<Box<dyn Subscriber>> {
         self.0.subscribe(s).await
     }
+    fn redelivery_delay(&self) -> std::time::Duration {
+        self.0.redelivery_delay()
+    }
+
     fn describe(&self) -> String {
         self.0.describe()
     }

@@ -455,7 +455,18 @@ impl Consumer {
         warn!(error = %e.chain(), "subscription lost; resubscribing");
         tokio::time::sleep(self.inner.config.retry_initial).await;
         match self.subscribe().await {
-            Ok(s) => *sub = s,
+            Ok(s) => {
+                // What the lost subscription held comes back only after the broker's redelivery
+                // delay, counted from when the broker is reachable again (a restarted broker
+                // restarts its timers): consuming sooner would let later messages of those keys
+                // overtake it. Subscribers take nothing until their first `next`, and the old one
+                // is dropped first so it cannot take anything either.
+                *sub = s;
+                let delay = self.inner.transport.redelivery_delay();
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
             Err(e) => warn!(error = %e.chain(), "resubscribing failed; will retry"),
         }
         Ok(())

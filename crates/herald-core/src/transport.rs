@@ -12,7 +12,11 @@ use crate::message::{Kind, Message};
 /// error that [`Error::is_transient`] means the outcome is unknown (the message may or may not
 /// be on the broker): the relay publishes it again later, so a duplicate is possible and a loss is
 /// not. A non-transient error means the broker refused this message ([`Error::Rejected`]).
-/// Messages of one ordering key are handed to the broker in input order.
+/// Messages of one ordering key are handed to the broker in input order, and a key's message may
+/// be confirmed only if the one before it in the batch reached the broker: either the connection
+/// cannot lose one message and carry the next (one channel or pipeline, never re-established in
+/// the middle of a batch), or the transport waits for each confirmation before sending the key's
+/// next message (NATS, whose client reconnects by itself).
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Publishes `batch` and waits for the broker's confirmations.
@@ -43,6 +47,15 @@ pub trait Transport: Send + Sync + 'static {
     async fn lag(&self, subscription: &Subscription) -> Result<Option<u64>> {
         let _ = subscription;
         Ok(None)
+    }
+
+    /// How long the broker takes to deliver again what a lost subscription had received and not
+    /// acknowledged (its ack wait or visibility timeout). Zero where nothing waits: RabbitMQ puts
+    /// such messages back at the head of the queue when the channel closes, Kafka resumes from the
+    /// committed offset. The consumer waits this long before it subscribes again, so those
+    /// messages come back before the later messages of their keys rather than after them.
+    fn redelivery_delay(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
     }
 
     /// A short name for logs, e.g. `rabbitmq amqp://guest:***@127.0.0.1:5672/%2f`. No secrets.

@@ -350,6 +350,10 @@ impl Transport for EmbeddedTransport {
         Ok(Some(n as u64))
     }
 
+    fn redelivery_delay(&self) -> Duration {
+        self.visibility_timeout
+    }
+
     fn describe(&self) -> String {
         format!("embedded {}", self.location)
     }

@@ -89,29 +89,11 @@ impl NatsTransport {
         Ok(s)
     }
 
-    fn consumer_config(
-        &self,
-        s: &Subscription,
-        deliver_policy: consumer::DeliverPolicy,
-    ) -> consumer::pull::Config {
-        consumer::pull::Config {
-            durable_name: Some(wire::durable_name(&s.service)),
-            filter_subject: wire::subject(s.kind, &s.destination),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: self.ack_wait,
-            max_ack_pending: i64::from(s.prefetch.max(1)),
-            max_deliver: self.max_deliver,
-            deliver_policy,
-            ..Default::default()
-        }
-    }
-}
-
-#[async_trait]
-impl Transport for NatsTransport {
-    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
-        let mut pending = Vec::with_capacity(batch.len());
-        for m in batch {
+    /// Publishes `batch[i]` for every `i` of `wave`, pipelined, and waits for the acknowledgements;
+    /// one result per index, in order.
+    async fn publish_wave(&self, batch: &[Message], wave: &[usize]) -> Vec<Result<()>> {
+        let mut pending = Vec::with_capacity(wave.len());
+        for m in wave.iter().map(|i| &batch[*i]) {
             if let Err(e) = wire::check_destination(&m.destination) {
                 pending.push(Err(e));
                 continue;
@@ -138,14 +120,80 @@ impl Transport for NatsTransport {
                 .await;
             pending.push(sent.map_err(|e| classify(m, e)));
         }
-        let mut results = Vec::with_capacity(batch.len());
-        for (m, p) in batch.iter().zip(pending) {
+        let mut results = Vec::with_capacity(wave.len());
+        for (m, p) in wave.iter().map(|i| &batch[*i]).zip(pending) {
             results.push(match p {
                 Err(e) => Err(e),
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| classify(m, e)),
             });
         }
         results
+    }
+
+    fn consumer_config(
+        &self,
+        s: &Subscription,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(wire::durable_name(&s.service)),
+            filter_subject: wire::subject(s.kind, &s.destination),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: i64::from(s.prefetch.max(1)),
+            max_deliver: self.max_deliver,
+            deliver_policy,
+            ..Default::default()
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
+        // async-nats reconnects by itself, even in the middle of a batch: a message written just
+        // before the connection dropped is lost while the next one goes out on the new
+        // connection and is confirmed. Pipelining a key's messages across that would put them on
+        // the stream out of order (verify saw it under kill -9). So the batch goes out in waves:
+        // each wave holds the next message of every key (and every unkeyed message), pipelined;
+        // a key's next message waits for the previous one's acknowledgement, and is not sent at
+        // all if that one was not confirmed.
+        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        while !pending.is_empty() {
+            let mut keys = HashSet::new();
+            let (wave, rest): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|i| {
+                batch[*i]
+                    .ordering_key
+                    .as_ref()
+                    .is_none_or(|k| keys.insert(k))
+            });
+            let mut failed_keys = HashSet::new();
+            for (i, r) in wave.iter().zip(self.publish_wave(batch, &wave).await) {
+                if r.is_err()
+                    && let Some(k) = &batch[*i].ordering_key
+                {
+                    failed_keys.insert(k);
+                }
+                results[*i] = Some(r);
+            }
+            pending = Vec::with_capacity(rest.len());
+            for i in rest {
+                match &batch[i].ordering_key {
+                    Some(k) if failed_keys.contains(k) => {
+                        results[i] = Some(Err(Error::unavailable(
+                            "NATS",
+                            "not sent: an earlier message of its key was not confirmed",
+                        )));
+                    }
+                    _ => pending.push(i),
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every message has a result"))
+            .collect()
     }
 
     async fn subscribe(&self, s: &Subscription) -> Result<Box<dyn Subscriber>> {
@@ -158,14 +206,13 @@ impl Transport for NatsTransport {
             )
             .await
             .map_err(|e| nats_err("creating the durable consumer", e))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| nats_err("starting to consume", e))?;
+        // Nothing is pulled until the first `next`: a consumer that resubscribes after an outage
+        // first waits out the redelivery delay, and must not hold messages meanwhile.
         Ok(Box::new(NatsSubscriber {
             kind: s.kind,
             destination: s.destination.clone(),
-            messages,
+            consumer,
+            messages: None,
             unacked: HashMap::new(),
         }))
     }
@@ -221,6 +268,10 @@ impl Transport for NatsTransport {
         ])
     }
 
+    fn redelivery_delay(&self) -> Duration {
+        self.ack_wait
+    }
+
     fn describe(&self) -> String {
         format!("nats {}", self.url.redacted())
     }
@@ -250,14 +301,24 @@ fn classify(m: &Message, e: jetstream::context::PublishError) -> Error {
 struct NatsSubscriber {
     kind: Kind,
     destination: String,
-    messages: consumer::pull::Stream,
+    consumer: consumer::PullConsumer,
+    messages: Option<consumer::pull::Stream>,
     unacked: HashMap<u64, jetstream::Message>,
 }
 
 #[async_trait]
 impl Subscriber for NatsSubscriber {
     async fn next(&mut self) -> Result<Received> {
-        let msg = match self.messages.next().await {
+        if self.messages.is_none() {
+            self.messages = Some(
+                self.consumer
+                    .messages()
+                    .await
+                    .map_err(|e| nats_err("starting to consume", e))?,
+            );
+        }
+        let messages = self.messages.as_mut().expect("started above");
+        let msg = match messages.next().await {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(nats_err("consuming", e)),
             None => return Err(Error::unavailable("NATS", "the consumer stream ended")),

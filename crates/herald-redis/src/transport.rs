@@ -409,6 +409,10 @@ impl Transport for RedisTransport {
         Ok(warnings)
     }
 
+    fn redelivery_delay(&self) -> Duration {
+        self.visibility
+    }
+
     fn describe(&self) -> String {
         format!("redis {}", self.url.redacted())
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use herald_core::consumer::Applied;
@@ -391,6 +391,8 @@ pub async fn undecodable_delivery_is_dead_lettered_and_consumer_continues(h: &dy
 struct AckFailsOnce {
     inner: Arc<dyn Transport>,
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// When the ack failed, and when a subscriber created after it was first asked for a delivery.
+    times: Arc<std::sync::Mutex<(Option<Instant>, Option<Instant>)>>,
 }
 
 #[async_trait]
@@ -399,11 +401,18 @@ impl Transport for AckFailsOnce {
         self.inner.publish(batch).await
     }
     async fn subscribe(&self, s: &Subscription) -> herald_core::Result<Box<dyn Subscriber>> {
+        let after_failure = self.failed.load(std::sync::atomic::Ordering::SeqCst);
         Ok(Box::new(AckFailsOnceSub {
             inner: self.inner.subscribe(s).await?,
             failed: self.failed.clone(),
+            times: self.times.clone(),
+            after_failure,
         }))
     }
+    fn redelivery_delay(&self) -> std::time::Duration {
+        self.inner.redelivery_delay()
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -412,15 +421,25 @@ impl Transport for AckFailsOnce {
 struct AckFailsOnceSub {
     inner: Box<dyn Subscriber>,
     failed: Arc<std::sync::atomic::AtomicBool>,
+    times: Arc<std::sync::Mutex<(Option<Instant>, Option<Instant>)>>,
+    after_failure: bool,
 }
 
 #[async_trait]
 impl Subscriber for AckFailsOnceSub {
     async fn next(&mut self) -> herald_core::Result<herald_core::Received> {
+        if self.after_failure {
+            self.times
+                .lock()
+                .unwrap()
+                .1
+                .get_or_insert_with(Instant::now);
+        }
         self.inner.next().await
     }
     async fn ack(&mut self, tag: u64) -> herald_core::Result<()> {
         if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.times.lock().unwrap().0 = Some(Instant::now());
             return Err(herald_core::Error::unavailable(
                 "broker (acknowledging)",
                 "connection lost (injected by the test)",
@@ -456,9 +475,13 @@ async fn wait_for_effects(
 
 async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
     let sub = Subscription::events(h.unique("ackfail"), "svc");
+    let inner = h.transport().await;
+    let redelivery = inner.redelivery_delay();
+    let times = Arc::new(std::sync::Mutex::new((None, None)));
     let transport: Arc<dyn Transport> = Arc::new(AckFailsOnce {
-        inner: h.transport().await,
+        inner,
         failed: Arc::default(),
+        times: times.clone(),
     });
     let c = Consumer::new(
         transport,
@@ -502,6 +525,16 @@ async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
     let effects = h.effects("svc").await;
     let unique: std::collections::HashSet<_> = effects.iter().map(|e| e.0).collect();
     assert_eq!((effects.len(), unique.len()), (6, 6), "each effect once");
+    // What the lost subscription held comes back after the broker's redelivery delay: the new
+    // subscription must not take anything before, or later messages of a key would overtake it.
+    let (failed_at, resumed_at) = *times.lock().unwrap();
+    let waited = resumed_at
+        .expect("resubscribed")
+        .duration_since(failed_at.expect("ack failed"));
+    assert!(
+        waited >= redelivery,
+        "consumed again {waited:?} after losing the subscription; the broker redelivers after {redelivery:?}"
+    );
 }
 
 /// An acknowledgement fails after the effect committed (the broker went away): the consumer

@@ -90,6 +90,10 @@ impl Transport for FlakyTransport {
         self.inner.durability_warnings().await
     }
 
+    fn redelivery_delay(&self) -> std::time::Duration {
+        self.inner.redelivery_delay()
+    }
+
     fn describe(&self) -> String {
         format!("flaky({})", self.inner.describe())
     }

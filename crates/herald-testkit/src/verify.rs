@@ -277,6 +277,10 @@ impl Transport for RecordingTransport {
         self.inner.durability_warnings().await
     }
 
+    fn redelivery_delay(&self) -> std::time::Duration {
+        self.inner.redelivery_delay()
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }
