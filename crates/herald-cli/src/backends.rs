@@ -6,8 +6,63 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use herald::{Identifier, OutboxStore, SecretUrl, Transport};
 
-/// The default embedded broker file when no `--broker` is given.
+/// The embedded broker file used when the database is SQLite and no `--broker` is given.
 pub const DEFAULT_BROKER: &str = "sqlite://herald-broker.db";
+
+/// The broker to use: `--broker` if given; without one, the embedded broker only beside a SQLite
+/// database. A PostgreSQL or MySQL outbox relayed into a local file by accident would have its
+/// rows deleted as "published" while no service ever sees them.
+pub fn broker_or_default(broker: Option<&str>, database: &SecretUrl) -> Result<String> {
+    match broker {
+        Some(b) => Ok(b.to_owned()),
+        None if database.scheme() == "sqlite" => Ok(DEFAULT_BROKER.to_owned()),
+        None => Err(herald::Error::config(format!(
+            "--broker is required with a {} database (amqp://, nats://, kafka://, redis:// or sqlite://path for the embedded broker)",
+            database.scheme()
+        ))
+        .into()),
+    }
+}
+
+/// Refuses URL parameters the broker's client would ignore: a `?tls=true` that silently runs in
+/// plaintext is worse than an error.
+fn check_broker_params(url: &SecretUrl) -> Result<()> {
+    let (allowed, hint): (&[&str], &str) = match url.scheme() {
+        "amqp" | "amqps" => (
+            &[
+                "heartbeat",
+                "connection_timeout",
+                "channel_max",
+                "frame_max",
+                "auth_mechanism",
+            ],
+            "for TLS use amqps://",
+        ),
+        "nats" | "tls" => (&[], "for TLS use tls://host:4222"),
+        "kafka" => (&[], "Kafka TLS and SASL are not supported by this build"),
+        "redis" => (
+            &["protocol"],
+            "Redis TLS (rediss://) is not supported by this build",
+        ),
+        _ => return Ok(()),
+    };
+    for (name, _) in url.url().query_pairs() {
+        if !allowed.contains(&name.as_ref()) {
+            let name: String = name.chars().take(40).collect();
+            return Err(herald::Error::config(format!(
+                "broker URL parameter {name:?} is not supported for {}:// ({hint}); supported: {}",
+                url.scheme(),
+                if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                }
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
 
 /// An open application database.
 #[derive(Clone)]
@@ -109,10 +164,18 @@ pub async fn migrate(db: &Database, table: &Identifier) -> Result<()> {
 /// The broker at `url`: `amqp://` or `amqps://` for RabbitMQ, `nats://` for NATS JetStream,
 /// `kafka://` for Kafka, `redis://` for Redis Streams, `sqlite://` for the embedded one.
 pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
+    check_broker_params(url)?;
     match url.scheme() {
-        "amqp" | "amqps" => Ok(Arc::new(herald::rabbitmq::RabbitTransport::new(
-            url.clone(),
-        )?)),
+        "amqp" | "amqps" => {
+            let t = herald::rabbitmq::RabbitTransport::new(url.clone())?;
+            // A wrong user or password is fatal now; an unreachable broker is retried later.
+            match t.check().await {
+                Err(e @ herald::Error::Config(_)) => return Err(e.into()),
+                Err(e) => tracing::warn!(error = %e.chain(), "RabbitMQ not reachable yet; the relay retries"),
+                Ok(()) => {}
+            }
+            Ok(Arc::new(t))
+        }
         "nats" | "tls" => Ok(Arc::new(
             herald::nats::NatsTransport::connect(url.clone()).await?,
         )),
@@ -132,7 +195,11 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
         "kafka" => Ok(Arc::new(
             herald::kafka::KafkaTransport::connect(url.clone()).await?,
         )),
-        "redis" | "rediss" => Ok(Arc::new(
+        "rediss" => Err(herald::Error::config(
+            "rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a TLS tunnel",
+        )
+        .into()),
+        "redis" => Ok(Arc::new(
             herald::redis::RedisTransport::connect(url.clone()).await?,
         )),
         "sqlite" => Ok(Arc::new(
@@ -144,7 +211,8 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
     }
 }
 
-/// Parses `500ms`, `30s`, `2m` or a plain number of seconds.
+/// Parses `500ms`, `30s`, `2m`, `1h`, `7d` or a plain number of seconds. Whether zero is
+/// acceptable is for the value's own validation to say.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -152,14 +220,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_or((s, "s"), |i| s.split_at(i));
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration; use e.g. 500ms, 30s or 2m"))?;
-    let secs = match unit {
+        .map_err(|_| format!("{s:?} is not a duration; use e.g. 500ms, 30s, 2m, 1h or 7d"))?;
+    let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?} has an unknown unit; use ms, s or m")),
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("{s:?} has an unknown unit; use ms, s, m, h or d")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
 }
 
 #[cfg(test)]
@@ -172,7 +242,38 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("3h").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("3h").unwrap(), Duration::from_secs(3 * 3600));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("fast").is_err());
+        assert!(
+            parse_duration("99999999999999999999999d")
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn broker_parameters_that_would_be_ignored_are_refused() {
+        let nats = SecretUrl::parse("broker", "nats://127.0.0.1:4222?tls=true").unwrap();
+        let err = check_broker_params(&nats).unwrap_err().to_string();
+        assert!(err.contains("\"tls\"") && err.contains("tls://"), "{err}");
+        let amqp = SecretUrl::parse("broker", "amqp://u:p@h/%2f?heartbeat=10").unwrap();
+        assert!(check_broker_params(&amqp).is_ok());
+        let amqp = SecretUrl::parse("broker", "amqp://u:p@h/%2f?verify=none").unwrap();
+        assert!(check_broker_params(&amqp).is_err());
+        let db = SecretUrl::parse("database", "postgres://h/db").unwrap();
+        assert!(
+            broker_or_default(None, &db)
+                .unwrap_err()
+                .to_string()
+                .contains("--broker is required")
+        );
+        let db = SecretUrl::parse("database", "sqlite://x.db").unwrap();
+        assert_eq!(broker_or_default(None, &db).unwrap(), DEFAULT_BROKER);
     }
 }

@@ -127,6 +127,41 @@ fn micros_of(db: &Database, col: &str) -> String {
     }
 }
 
+fn int_of(db: &Database, col: &str) -> String {
+    match db {
+        Database::MySql(_) => format!("CAST({col} AS SIGNED)"),
+        Database::Postgres(_) | Database::Sqlite(_) => format!("CAST({col} AS BIGINT)"),
+    }
+}
+
+/// A text column as text, whatever a producer managed to put there: SQLite keeps any value in
+/// any column (invalid UTF-8, a BLOB, a number), and a dead letter is exactly where such rows
+/// end up. Bytes that are not UTF-8 are shown lossily and flagged; nothing panics.
+fn text<R: Row>(r: &R, col: &str) -> String
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    if let Ok(Some(s)) = r.try_get::<Option<String>, _>(col) {
+        return s;
+    }
+    if let Ok(Some(b)) = r.try_get_unchecked::<Option<Vec<u8>>, _>(col) {
+        return match String::from_utf8(b) {
+            Ok(s) => s,
+            Err(e) => format!(
+                "{} [not UTF-8: {} bytes, shown lossily]",
+                String::from_utf8_lossy(e.as_bytes()),
+                e.as_bytes().len()
+            ),
+        };
+    }
+    if let Ok(Some(s)) = r.try_get_unchecked::<Option<String>, _>(col) {
+        return s;
+    }
+    String::new()
+}
+
 fn text_of(db: &Database, col: &str) -> String {
     match db {
         Database::Postgres(_) => format!("{col}::text"),
@@ -226,7 +261,8 @@ async fn list_side(db: &Database, t: &Tables, side: Side, f: &Filter) -> Result<
     };
     let sql = format!(
         "SELECT id, {consumer} AS consumer, destination, message_type, COALESCE(ordering_key, '') AS k, \
-         CAST(attempts AS BIGINT) AS attempts, {} AS at, reason FROM \"{table}\"{clause} ORDER BY id LIMIT {}",
+         {} AS attempts, {} AS at, reason FROM \"{table}\"{clause} ORDER BY id LIMIT {}",
+        int_of(db, "attempts"),
         micros_of(db, "dead_lettered_at"),
         f.limit.max(1)
     );
@@ -238,13 +274,13 @@ async fn list_side(db: &Database, t: &Tables, side: Side, f: &Filter) -> Result<
             .map(|r| Listed {
                 side,
                 id: r.get("id"),
-                consumer: r.get("consumer"),
-                destination: r.get("destination"),
-                message_type: r.get("message_type"),
-                key: r.get("k"),
-                attempts: r.get("attempts"),
-                at: r.get("at"),
-                reason: r.get("reason"),
+                consumer: text(r, "consumer"),
+                destination: text(r, "destination"),
+                message_type: text(r, "message_type"),
+                key: text(r, "k"),
+                attempts: r.try_get("attempts").unwrap_or_default(),
+                at: r.try_get("at").unwrap_or_default(),
+                reason: text(r, "reason"),
             })
             .collect::<Vec<_>>()
     });
@@ -488,10 +524,11 @@ async fn show(db: &Database, t: &Tables, side: Side, id: i64) -> Result<ExitCode
     };
     let sql = format!(
         "SELECT {consumer} AS consumer, COALESCE({}, '') AS message_id, kind, message_type, source, destination, \
-         COALESCE(ordering_key, '') AS k, {} AS headers, content_type, payload, CAST(attempts AS BIGINT) AS attempts, \
+         COALESCE(ordering_key, '') AS k, {} AS headers, content_type, payload, {} AS attempts, \
          reason, {} AS at FROM \"{table}\" WHERE id = {}",
         text_of(db, "message_id"),
         text_of(db, "headers"),
+        int_of(db, "attempts"),
         micros_of(db, "dead_lettered_at"),
         placeholder(db, 1)
     );
@@ -503,28 +540,35 @@ async fn show(db: &Database, t: &Tables, side: Side, id: i64) -> Result<ExitCode
         {
             None => false,
             Some(r) => {
-                let payload: Vec<u8> = r.get("payload");
-                let at: i64 = r.get("at");
+                let payload: Vec<u8> = r
+                    .try_get_unchecked::<Option<Vec<u8>>, _>("payload")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                let at: i64 = r.try_get("at").unwrap_or_default();
                 println!("side:          {}", side_name(side));
                 println!("id:            {id}");
                 if side == Side::Consumer {
-                    println!("consumer:      {}", r.get::<String, _>("consumer"));
+                    println!("consumer:      {}", text(&r, "consumer"));
                 }
-                println!("message id:    {}", r.get::<String, _>("message_id"));
-                println!("kind:          {}", r.get::<String, _>("kind"));
-                println!("type:          {}", r.get::<String, _>("message_type"));
-                println!("source:        {}", r.get::<String, _>("source"));
-                println!("destination:   {}", r.get::<String, _>("destination"));
-                println!("ordering key:  {}", r.get::<String, _>("k"));
-                println!("headers:       {}", r.get::<String, _>("headers"));
-                println!("content type:  {}", r.get::<String, _>("content_type"));
-                println!("attempts:      {}", r.get::<i64, _>("attempts"));
+                println!("message id:    {}", text(&r, "message_id"));
+                println!("kind:          {}", text(&r, "kind"));
+                println!("type:          {}", text(&r, "message_type"));
+                println!("source:        {}", text(&r, "source"));
+                println!("destination:   {}", text(&r, "destination"));
+                println!("ordering key:  {}", text(&r, "k"));
+                println!("headers:       {}", text(&r, "headers"));
+                println!("content type:  {}", text(&r, "content_type"));
+                println!(
+                    "attempts:      {}",
+                    r.try_get::<i64, _>("attempts").unwrap_or_default()
+                );
                 println!(
                     "parked at:     {} ({} ago)",
                     rfc3339(from_micros(at)),
                     age(at)
                 );
-                println!("reason:        {}", r.get::<String, _>("reason"));
+                println!("reason:        {}", text(&r, "reason"));
                 println!("payload ({} bytes):", payload.len());
                 println!(
                     "{}",

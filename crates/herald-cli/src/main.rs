@@ -21,6 +21,16 @@ mod verify;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` (colours only on a terminal) or `json` (one object a line).
+    /// Levels: HERALD_LOG, else RUST_LOG (e.g. `info,herald_core=debug`).
+    #[arg(long, global = true, env = "HERALD_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -57,22 +67,7 @@ pub struct DbArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own progress; its expected warnings (the injected outage) would drown it.
-    // lapin logs every connection the verify faults break at ERROR level; verify reports them.
-    let default_filter = if matches!(cli.command, Command::Verify(_)) {
-        "error,lapin=off,async_nats=off"
-    } else if matches!(cli.command, Command::Demo(_) | Command::Bench(_)) {
-        "error"
-    } else {
-        "warn,herald=info,herald_core=info"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.command, cli.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let outcome = runtime.block_on(async {
         match cli.command {
@@ -101,6 +96,60 @@ fn main() -> ExitCode {
             ExitCode::from(if config { 2 } else { 1 })
         }
     }
+}
+
+/// Client crates whose logs can hold what herald must never log: lapin logs a returned message
+/// with its headers and body at WARN and every frame (the PLAIN login with its password) at
+/// TRACE; the others log frames, statements or connection strings at DEBUG and TRACE. herald
+/// reports their errors itself, so they are capped by a filter of their own that HERALD_LOG or
+/// RUST_LOG cannot lift (even `lapin::channel=trace`).
+fn capped_crates() -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::LevelFilter;
+    tracing_subscriber::filter::Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("lapin", LevelFilter::OFF)
+        .with_target("amq_protocol", LevelFilter::OFF)
+        .with_target("amq_protocol_tcp", LevelFilter::OFF)
+        .with_target("amq_protocol_types", LevelFilter::OFF)
+        .with_target("async_nats", LevelFilter::ERROR)
+        .with_target("redis", LevelFilter::ERROR)
+        .with_target("rdkafka", LevelFilter::ERROR)
+        .with_target("sqlx", LevelFilter::WARN)
+        .with_target("rustls", LevelFilter::ERROR)
+        .with_target("tokio_rustls", LevelFilter::ERROR)
+}
+
+fn init_logging(command: &Command, format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // The demo prints its own progress; its expected warnings (the injected outage) would drown
+    // it. Verify reports the faults it injects itself.
+    // async-nats logs every connection the verify faults break at ERROR.
+    let default_filter = match command {
+        Command::Verify(_) => "error,async_nats=off",
+        Command::Demo(_) | Command::Bench(_) => "error",
+        _ => "warn,herald=info,herald_core=info",
+    };
+    let requested = ["HERALD_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()));
+    let filter = match requested.as_deref() {
+        Some(spec) => tracing_subscriber::EnvFilter::try_new(spec).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring the log filter {spec:?} ({e}); using {default_filter:?}");
+            tracing_subscriber::EnvFilter::new(default_filter)
+        }),
+        None => tracing_subscriber::EnvFilter::new(default_filter),
+    };
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Json => layer.json().boxed(),
+        LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(capped_crates()))
+        .init();
 }
 
 async fn migrate(args: DbArgs) -> anyhow::Result<ExitCode> {

@@ -21,9 +21,11 @@ use crate::backends::{self, parse_duration};
 pub struct RelayArgs {
     #[command(flatten)]
     db: crate::DbArgs,
-    /// Broker URL: amqp://user:pass@host:5672/vhost (RabbitMQ) or sqlite://path (embedded broker).
-    #[arg(long, env = "HERALD_BROKER_URL", hide_env_values = true, default_value = backends::DEFAULT_BROKER)]
-    broker: String,
+    /// Broker URL: amqp://user:pass@host:5672/vhost (RabbitMQ), nats://host:4222, kafka://host:9092,
+    /// redis://host:6379 or sqlite://path (embedded broker). Required unless the database is
+    /// SQLite (then sqlite://herald-broker.db).
+    #[arg(long, env = "HERALD_BROKER_URL", hide_env_values = true)]
+    broker: Option<String>,
     /// Rows claimed per batch.
     #[arg(long, env = "HERALD_BATCH_SIZE", default_value_t = 256)]
     batch_size: usize,
@@ -39,16 +41,25 @@ pub struct RelayArgs {
     /// How long to wait for the broker's confirmations of a batch (at most half the lease).
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     publish_timeout: Duration,
-    /// Attempts for a message the broker rejects before it is dead-lettered.
+    /// Attempts for a message the broker rejects (an unroutable command) before it is
+    /// dead-lettered, once --retry-window has passed too.
     #[arg(long, env = "HERALD_MAX_ATTEMPTS", default_value_t = 5)]
     max_attempts: u32,
-    /// Largest message published; larger ones are dead-lettered.
+    /// How long a rejected message (a command whose owner is not deployed yet) keeps being
+    /// retried before it may be dead-lettered; 0s lets --max-attempts alone decide.
+    #[arg(long, env = "HERALD_RETRY_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    retry_window: Duration,
+    /// Longest wait between two attempts of a rejected message.
+    #[arg(long, env = "HERALD_RETRY_DELAY_MAX", default_value = "30s", value_parser = parse_duration)]
+    retry_delay_max: Duration,
+    /// Largest message published (1024 to 1073741824); larger ones are dead-lettered.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     max_message_bytes: usize,
     /// Name of this relay in leases and logs.
     #[arg(long, env = "HERALD_RELAY_ID")]
     relay_id: Option<String>,
-    /// Exit once the outbox is empty (for batch jobs and tests).
+    /// Publish what can be published, then exit: 0 once the outbox is empty, 1 (saying why) if rows
+    /// remain, waiting for a retry or leased by another relay (for batch jobs and tests).
     #[arg(long)]
     until_empty: bool,
     /// Testing only: abort the process at `after-claim`, `mid-batch` (half the batch published
@@ -66,6 +77,8 @@ impl RelayArgs {
             poll_interval: self.poll_interval,
             publish_timeout: self.publish_timeout,
             max_attempts: self.max_attempts,
+            retry_window: self.retry_window,
+            retry_delay_max: self.retry_delay_max,
             max_message_bytes: self.max_message_bytes,
             ..RelayConfig::default()
         };
@@ -189,7 +202,8 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be wrong with the configuration is checked before connecting.
     let config = args.config()?;
     let db_url = backends::parse_url("database", &args.db.database)?;
-    let broker_url = backends::parse_url("broker", &args.broker)?;
+    let broker = backends::broker_or_default(args.broker.as_deref(), &db_url)?;
+    let broker_url = backends::parse_url("broker", &broker)?;
     let table = herald::Identifier::new(&args.db.table)?;
     let crash = parse_failpoint(args.failpoint.as_deref())?;
 
@@ -216,13 +230,23 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
 
     let relay = Relay::with_failpoint(store.clone(), transport, config, hook)?;
     let started = Instant::now();
+    let mut remaining = None;
     let result = if args.until_empty {
         // A signal stops the drain between statements; rows in flight stay leased and are
         // published again after their lease (duplicates, never losses).
-        tokio::select! {
+        let drained = tokio::select! {
             r = drain(&relay) => r,
             () = shutdown => Ok(()),
+        };
+        if drained.is_ok() {
+            remaining = Some(
+                store
+                    .stats()
+                    .await
+                    .context("reading what is left in the outbox")?,
+            );
         }
+        drained
     } else {
         let reporter = tokio::spawn(report_progress(relay.clone()));
         let result = relay.run(shutdown).await;
@@ -231,18 +255,35 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     };
     let c = relay.counters();
     println!(
-        "relay stopped after {:.1}s: published={} released={} dead_lettered={} lease_lost={} broker_errors={}",
+        "relay stopped after {:.1}s: published={} released={} rejected={} dead_lettered={} lease_lost={} broker_errors={}",
         started.elapsed().as_secs_f64(),
         c.published.load(Ordering::Relaxed),
         c.released.load(Ordering::Relaxed),
+        c.rejected.load(Ordering::Relaxed),
         c.dead_lettered.load(Ordering::Relaxed),
         c.lease_lost.load(Ordering::Relaxed),
         c.broker_errors.load(Ordering::Relaxed),
     );
-    result.map(|()| ExitCode::SUCCESS)
+    result?;
+    let left: u64 = remaining.iter().flatten().map(|s| s.pending).sum();
+    if left > 0 {
+        let by_destination: Vec<String> = remaining
+            .iter()
+            .flatten()
+            .filter(|s| s.pending > 0)
+            .map(|s| format!("{}={}", s.destination, s.pending))
+            .collect();
+        eprintln!(
+            "herald relay --until-empty: {left} rows remain in the outbox ({}), waiting for a retry after a rejection or leased by another relay; `herald status` shows them, the rows' last_error says why",
+            by_destination.join(" ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Ticks until a claim comes back empty and no broker error is pending.
+/// Ticks until a claim comes back empty and no broker error is pending. Rows waiting for a retry
+/// (or leased by another relay) are not claimable: the caller checks what is left.
 async fn drain(relay: &Relay) -> anyhow::Result<()> {
     let mut backoff =
         herald::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));

@@ -164,9 +164,18 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long to wait for the broker's confirmations of one batch. Default 10 s.
     pub publish_timeout: Duration,
-    /// Attempts for a message the broker rejects (too large, unroutable) before it is
-    /// dead-lettered. Broker outages never count. Default 5.
+    /// Attempts for a message the broker rejects (an unroutable command, a refusal by the
+    /// broker) before it is dead-lettered, if [`RelayConfig::retry_window`] has also passed.
+    /// Broker outages never count. Default 5.
     pub max_attempts: u32,
+    /// How long a rejected message keeps being retried before it may be dead-lettered: a
+    /// command whose owner is still being deployed must not become a dead letter in seconds.
+    /// Retries come after `backoff_initial`, doubling up to `retry_delay_max`; the message is
+    /// dead-lettered once it was attempted `max_attempts` times *and* those delays add up to the
+    /// window. Zero: `max_attempts` alone decides. Default 5 minutes.
+    pub retry_window: Duration,
+    /// Longest delay between two attempts of a rejected message. Default 30 s.
+    pub retry_delay_max: Duration,
     /// Largest message (payload plus headers) published; larger ones are dead-lettered at once.
     /// Default 1 MiB (NATS's default limit; RabbitMQ and Kafka allow more).
     pub max_message_bytes: usize,
@@ -186,6 +195,8 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_millis(100),
             publish_timeout: Duration::from_secs(10),
             max_attempts: 5,
+            retry_window: Duration::from_secs(300),
+            retry_delay_max: Duration::from_secs(30),
             max_message_bytes: 1024 * 1024,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -220,8 +231,46 @@ impl RelayConfig {
                 self.publish_timeout, self.lease
             )));
         }
-        if self.max_attempts == 0 {
-            return Err(Error::config("max attempts must be at least 1"));
+        if self.max_attempts == 0 || self.max_attempts > 1000 {
+            return Err(Error::config(format!(
+                "max attempts {} must be between 1 and 1000",
+                self.max_attempts
+            )));
+        }
+        if self.publish_timeout < Duration::from_millis(10) {
+            return Err(Error::config(format!(
+                "publish timeout {:?} is too short: use at least 10ms (nothing could ever be confirmed)",
+                self.publish_timeout
+            )));
+        }
+        if self.lease > Duration::from_secs(24 * 3600) {
+            return Err(Error::config(format!(
+                "lease {:?} is too long: use at most 24h (a crashed relay's rows would wait that long)",
+                self.lease
+            )));
+        }
+        if !(1024..=1 << 30).contains(&self.max_message_bytes) {
+            return Err(Error::config(format!(
+                "max message bytes {} must be between 1024 and 1073741824 (1 GiB)",
+                self.max_message_bytes
+            )));
+        }
+        if self.retry_window > Duration::from_secs(30 * 24 * 3600) {
+            return Err(Error::config(format!(
+                "retry window {:?} must be at most 30 days",
+                self.retry_window
+            )));
+        }
+        if self.retry_delay_max < self.backoff_initial {
+            return Err(Error::config(
+                "retry delay max must be at least the initial backoff",
+            ));
+        }
+        if self.poll_interval > Duration::from_secs(60) {
+            return Err(Error::config(format!(
+                "poll interval {:?} must be at most 60s",
+                self.poll_interval
+            )));
         }
         if self.poll_interval.is_zero() {
             return Err(Error::config("poll interval must be greater than zero"));
@@ -229,7 +278,32 @@ impl RelayConfig {
         if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
             return Err(Error::config("backoff must satisfy 0 < initial <= max"));
         }
+        if self.relay_id.is_empty() || self.relay_id.len() > 200 {
+            return Err(Error::config("relay id must be 1 to 200 bytes"));
+        }
         Ok(())
+    }
+
+    /// The delay before attempt `attempts + 1` of a rejected message.
+    pub fn retry_delay(&self, attempts: u32) -> Duration {
+        self.backoff_initial
+            .saturating_mul(1 << attempts.min(20))
+            .min(self.retry_delay_max)
+    }
+
+    /// How many rejections a message must have had before it is dead-lettered: at least
+    /// `max_attempts`, and enough for the retry delays to cover `retry_window`.
+    pub fn attempts_before_dead_letter(&self) -> u32 {
+        let mut attempts = 0u32;
+        let mut waited = Duration::ZERO;
+        while attempts < self.max_attempts || waited < self.retry_window {
+            waited += self.retry_delay(attempts);
+            attempts += 1;
+            if attempts == u32::MAX {
+                break;
+            }
+        }
+        attempts
     }
 }
 
@@ -292,6 +366,76 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn the_retry_window_sets_the_attempts() {
+        let cfg = RelayConfig::default();
+        // 0.1 + 0.2 + ... + 25.6 s (9 delays, 51.1 s), then 30 s each: 300 s after 18.
+        assert_eq!(cfg.attempts_before_dead_letter(), 18);
+        let none = RelayConfig {
+            retry_window: Duration::ZERO,
+            max_attempts: 1,
+            ..RelayConfig::default()
+        };
+        assert_eq!(none.attempts_before_dead_letter(), 1);
+        let many = RelayConfig {
+            retry_window: Duration::from_secs(1),
+            max_attempts: 40,
+            ..RelayConfig::default()
+        };
+        assert_eq!(many.attempts_before_dead_letter(), 40);
+    }
+
+    #[test]
+    fn zero_and_absurd_values_are_refused() {
+        for (bad, what) in [
+            (
+                RelayConfig {
+                    publish_timeout: Duration::ZERO,
+                    ..RelayConfig::default()
+                },
+                "publish timeout",
+            ),
+            (
+                RelayConfig {
+                    max_message_bytes: 0,
+                    ..RelayConfig::default()
+                },
+                "max message bytes",
+            ),
+            (
+                RelayConfig {
+                    max_attempts: 0,
+                    ..RelayConfig::default()
+                },
+                "max attempts",
+            ),
+            (
+                RelayConfig {
+                    lease: Duration::from_secs(100 * 24 * 3600),
+                    ..RelayConfig::default()
+                },
+                "lease",
+            ),
+            (
+                RelayConfig {
+                    poll_interval: Duration::ZERO,
+                    ..RelayConfig::default()
+                },
+                "poll interval",
+            ),
+            (
+                RelayConfig {
+                    workers: 0,
+                    ..RelayConfig::default()
+                },
+                "workers",
+            ),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(what), "{err} should name {what}");
+        }
     }
 
     #[test]

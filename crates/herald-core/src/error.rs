@@ -67,6 +67,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The message can never be published as it is: it breaks a CloudEvents rule or a limit of
+    /// the broker's wire (a name over 255 bytes on AMQP, headers over the frame size, a newline in
+    /// a NATS header). Retrying cannot help, so the relay dead-letters it at once; the reason
+    /// names the field and the limit.
+    #[error("message cannot be published: {reason}")]
+    Unpublishable {
+        /// Which field breaks which limit.
+        reason: String,
+    },
+
     /// A message could not be decoded from the wire or from a row.
     #[error("cannot decode message: {reason}")]
     Decode {
@@ -101,6 +111,7 @@ impl Error {
             Error::Config(_)
             | Error::Schema { .. }
             | Error::Rejected { .. }
+            | Error::Unpublishable { .. }
             | Error::Decode { .. }
             | Error::Handler { .. }
             | Error::LeaseLost { .. } => false,
@@ -115,6 +126,13 @@ impl Error {
     /// Shorthand for [`Error::Rejected`].
     pub fn rejected(reason: impl Into<String>) -> Error {
         Error::Rejected {
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Unpublishable`].
+    pub fn unpublishable(reason: impl Into<String>) -> Error {
+        Error::Unpublishable {
             reason: reason.into(),
         }
     }

@@ -175,17 +175,139 @@ impl Message {
     pub fn created_at_micros(&self) -> i64 {
         to_micros(self.created_at)
     }
+
+    /// Checks what every broker needs, whatever its wire: the CloudEvents rules (see
+    /// `docs/OUTBOX.md`, "What the relay refuses"). Header names must be CloudEvents extension
+    /// names (1 to 64 lowercase ASCII letters or digits) other than the attributes herald sets
+    /// itself; `message_type` and `destination` must not be empty; no string may hold a control
+    /// character (a newline would break header-based wires); `created_at` must lie in the years
+    /// 1 to 9999 (RFC 3339). The error is the reason for the dead-letter table; it names the
+    /// field but never quotes a header value or the payload.
+    pub fn check_cloudevents(&self) -> Result<(), String> {
+        if self.message_type.is_empty() {
+            return Err("message_type is empty".to_owned());
+        }
+        if self.destination.is_empty() {
+            return Err("destination is empty".to_owned());
+        }
+        for (field, value) in [
+            ("message_type", self.message_type.as_str()),
+            ("source", self.source.as_str()),
+            ("destination", self.destination.as_str()),
+            ("content_type", self.content_type.as_str()),
+            ("ordering_key", self.ordering_key.as_deref().unwrap_or("")),
+        ] {
+            if let Some(at) = control_char_at(value) {
+                return Err(format!(
+                    "{field} holds a control character at byte {at} (CloudEvents strings cannot)"
+                ));
+            }
+        }
+        for (name, value) in &self.headers {
+            check_extension_name(name)?;
+            if let Some(at) = control_char_at(value) {
+                return Err(format!(
+                    "header {name:?} holds a control character at byte {at} (CloudEvents strings cannot)"
+                ));
+            }
+        }
+        let micros = self.created_at_micros();
+        if !(MIN_TIME_MICROS..=MAX_TIME_MICROS).contains(&micros) {
+            return Err("created_at is outside the years 1 to 9999 (RFC 3339)".to_owned());
+        }
+        Ok(())
+    }
 }
 
-/// Microseconds since the Unix epoch; times before the epoch count as 0.
+/// Longest header name herald accepts (CloudEvents advises 20; AMQP allows 252 after `ce-`).
+pub const MAX_HEADER_NAME: usize = 64;
+
+/// Checks a header name against the CloudEvents extension naming rule, without echoing more than
+/// a bounded prefix of it.
+fn check_extension_name(name: &str) -> Result<(), String> {
+    let shown: String = name.chars().take(40).collect();
+    if name.is_empty() || name.len() > MAX_HEADER_NAME {
+        return Err(format!(
+            "header name {shown:?} ({} bytes) is not 1 to {MAX_HEADER_NAME} bytes long",
+            name.len()
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(format!(
+            "header name {shown:?} is not a CloudEvents extension name: use lowercase letters a-z and digits only"
+        ));
+    }
+    if crate::cloudevents::RESERVED.contains(&name) {
+        return Err(format!(
+            "header name {name:?} is a CloudEvents attribute herald sets itself"
+        ));
+    }
+    Ok(())
+}
+
+/// The byte offset of the first control character (C0, DEL or C1), if any.
+fn control_char_at(s: &str) -> Option<usize> {
+    s.char_indices()
+        .find(|(_, c)| c.is_control())
+        .map(|(i, _)| i)
+}
+
+/// Microseconds since the Unix epoch (negative before it), saturating at the ends of `i64`.
 pub fn to_micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |m| -m),
+    }
 }
 
 /// The inverse of [`to_micros`].
 pub fn from_micros(micros: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64)
+    let magnitude = Duration::from_micros(micros.unsigned_abs());
+    let t = if micros >= 0 {
+        UNIX_EPOCH.checked_add(magnitude)
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude)
+    };
+    // Every i64 of microseconds fits a SystemTime on the platforms herald runs on.
+    t.unwrap_or(UNIX_EPOCH)
+}
+
+/// First instant CloudEvents `time` (RFC 3339, four-digit years) can carry: 0001-01-01T00:00:00Z.
+pub const MIN_TIME_MICROS: i64 = -62_135_596_800_000_000;
+/// Last instant CloudEvents `time` can carry: 9999-12-31T23:59:59.999999Z.
+pub const MAX_TIME_MICROS: i64 = 253_402_300_799_999_999;
+
+/// Parses the text PostgreSQL prints for `extract(epoch FROM t)` (`1764180000.123456`,
+/// `-0.5`, `Infinity`) into microseconds, refusing what no CloudEvents `time` can carry.
+pub fn micros_from_epoch_text(text: &str) -> Result<i64, String> {
+    let bad = || format!("created_at {text:?} is not a time between the years 1 and 9999");
+    let t = text.trim();
+    let (negative, digits) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) || whole.len() > 13 {
+        return Err(bad());
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let secs: i64 = whole.parse().map_err(|_| bad())?;
+    let frac6: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+    let sub: i64 = frac6.parse().map_err(|_| bad())?;
+    let magnitude = secs
+        .checked_mul(1_000_000)
+        .and_then(|m| m.checked_add(sub))
+        .ok_or_else(bad)?;
+    let micros = if negative { -magnitude } else { magnitude };
+    if !(MIN_TIME_MICROS..=MAX_TIME_MICROS).contains(&micros) {
+        return Err(bad());
+    }
+    Ok(micros)
 }
 
 fn truncate_to_micros(t: SystemTime) -> SystemTime {
@@ -286,6 +408,94 @@ mod tests {
             third.header(CORRELATION_ID),
             Some(first.id.to_string().as_str())
         );
+    }
+
+    #[test]
+    fn times_before_the_epoch_and_at_the_ends_round_trip() {
+        for micros in [MIN_TIME_MICROS, -1, 0, 1, MAX_TIME_MICROS] {
+            assert_eq!(to_micros(from_micros(micros)), micros);
+        }
+        assert_eq!(
+            rfc3339(from_micros(MIN_TIME_MICROS)),
+            "0001-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            rfc3339(from_micros(MAX_TIME_MICROS)),
+            "9999-12-31T23:59:59.999999Z"
+        );
+        assert_eq!(
+            rfc3339(from_micros(-500_000)),
+            "1969-12-31T23:59:59.500000Z"
+        );
+    }
+
+    #[test]
+    fn epoch_text_is_parsed_or_refused() {
+        assert_eq!(
+            micros_from_epoch_text("1764180000.123456"),
+            Ok(1_764_180_000_123_456)
+        );
+        assert_eq!(
+            micros_from_epoch_text("1764180000"),
+            Ok(1_764_180_000_000_000)
+        );
+        assert_eq!(micros_from_epoch_text("-0.5"), Ok(-500_000));
+        for bad in [
+            "Infinity",
+            "-Infinity",
+            "NaN",
+            "",
+            "9223372036854.775807",
+            "1e9",
+            "1.2.3",
+            "-",
+        ] {
+            assert!(micros_from_epoch_text(bad).is_err(), "{bad}");
+        }
+        // '294276-01-01': within PostgreSQL's range, beyond RFC 3339's.
+        assert!(micros_from_epoch_text("9224286739200").is_err());
+    }
+
+    #[test]
+    fn cloudevents_rules_refuse_what_wires_cannot_carry() {
+        let ok = Message::event("orders", "OrderPlaced", b"{}".to_vec())
+            .with_key("k")
+            .with_header("traceparent", "00-ab-cd-01");
+        assert_eq!(ok.check_cloudevents(), Ok(()));
+        let cases: Vec<(Message, &str)> = vec![
+            (
+                ok.clone().with_header("X-Tenant", "a"),
+                "not a CloudEvents extension name",
+            ),
+            (
+                ok.clone().with_header("a b", "a"),
+                "not a CloudEvents extension name",
+            ),
+            (ok.clone().with_header("", "a"), "not 1 to 64"),
+            (ok.clone().with_header("a".repeat(65), "a"), "not 1 to 64"),
+            (ok.clone().with_header("id", "x"), "herald sets itself"),
+            (
+                ok.clone().with_header("tenant", "a\nb"),
+                "control character",
+            ),
+            (ok.clone().with_key("k\r\n"), "ordering_key holds a control"),
+            (
+                Message::event("orders", "Order\nPlaced", vec![]),
+                "message_type holds",
+            ),
+            (
+                Message::event("orders", "", vec![]),
+                "message_type is empty",
+            ),
+            (Message::event("", "T", vec![]), "destination is empty"),
+        ];
+        for (m, want) in cases {
+            let err = m.check_cloudevents().unwrap_err();
+            assert!(err.contains(want), "{err} should say {want}");
+        }
+        let mut far = ok.clone();
+        far.created_at = from_micros(MAX_TIME_MICROS) + Duration::from_secs(1);
+        assert!(far.check_cloudevents().unwrap_err().contains("created_at"));
     }
 
     #[test]

@@ -5,16 +5,18 @@
 //! a duplicate, never a loss. Leases are committed before publishing and carry a fencing token, so
 //! a relay that was paused past its lease finds its marks refused and stops publishing that batch.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::RelayConfig;
 use crate::error::{Error, Result};
+use crate::message::Message;
 use crate::store::{OutboxStore, RejectionOutcome};
 use crate::transport::Transport;
 
@@ -65,9 +67,11 @@ pub struct TickReport {
 pub struct RelayCounters {
     /// Messages confirmed and marked.
     pub published: AtomicU64,
-    /// Messages released after a broker outage.
+    /// Messages released after a broker outage or an unknown outcome.
     pub released: AtomicU64,
-    /// Messages dead-lettered.
+    /// Rejections that will be retried (one per attempt).
+    pub rejected: AtomicU64,
+    /// Messages dead-lettered (rejected too often, unpublishable, or undecodable rows).
     pub dead_lettered: AtomicU64,
     /// Messages whose lease was lost.
     pub lease_lost: AtomicU64,
@@ -155,6 +159,12 @@ impl Relay {
 
     /// One claim-publish-mark round. Returns what it did; an `Err` is a database error (the
     /// broker's errors are reported in [`TickReport::broker_error`]).
+    ///
+    /// Every claimed row ends the tick in exactly one state: published (deleted), released or
+    /// waiting for a retry (its error on the row), or dead-lettered with a reason. Per-key order
+    /// holds under rejections: once a row of a key is not confirmed (rejected, outcome unknown),
+    /// no later row of that key in the batch counts as published before it; those rows are
+    /// released and published again after it (a duplicate at worst, never out of turn).
     pub async fn tick(&self) -> Result<TickReport> {
         let cfg = &self.inner.config;
         let store = &self.inner.store;
@@ -162,28 +172,32 @@ impl Relay {
             .claim(&cfg.relay_id, cfg.batch_size, cfg.lease)
             .await?;
         let mut report = TickReport {
-            claimed: claim.rows.len(),
+            claimed: claim.rows.len() + claim.parked,
+            dead_lettered: claim.parked,
             ..TickReport::default()
         };
+        self.count(&self.inner.counters.dead_lettered, claim.parked);
         if claim.rows.is_empty() {
             return Ok(report);
         }
         let lease = claim.lease;
         self.hit(Failpoint::AfterClaim);
 
-        // Oversized messages would be refused by the broker on every attempt: park them now,
-        // with the reason, instead of letting them block their key.
+        // Messages no broker attempt can carry (over the size limit, against CloudEvents rules
+        // or the transport's wire limits) are parked now, with the reason, before anything is
+        // sent: a client crate never sees a value it would panic on, and the key moves on.
         let mut rows = Vec::with_capacity(claim.rows.len());
         for row in claim.rows {
-            let size = row.message.wire_size();
-            if size > cfg.max_message_bytes {
-                let reason = format!(
-                    "message is {size} bytes, over the relay's limit of {} bytes (max_message_bytes)",
-                    cfg.max_message_bytes
-                );
-                self.reject(&lease, &row, &reason, 1, &mut report).await?;
-            } else {
-                rows.push(row);
+            match self.unpublishable(&row.message) {
+                None => rows.push(row),
+                Some(reason) => {
+                    let outcome = self.reject(&lease, &row, &reason, 1, &mut report).await?;
+                    if outcome == RejectionOutcome::LeaseLost {
+                        // The whole lease is gone (one token covers the batch): publish nothing.
+                        let lost = rows.len() + 1;
+                        return Ok(self.lease_lost(report, lease.token, lost));
+                    }
+                }
             }
         }
         if rows.is_empty() {
@@ -198,16 +212,11 @@ impl Relay {
                 rows = rows.len(),
                 "lease expired before publishing; dropping batch"
             );
-            report.lease_lost += rows.len();
-            self.inner
-                .counters
-                .lease_lost
-                .fetch_add(rows.len() as u64, Ordering::Relaxed);
-            return Ok(report);
+            return Ok(self.lease_lost(report, lease.token, rows.len()));
         }
 
         let messages: Vec<_> = rows.iter().map(|r| r.message.clone()).collect();
-        let results = match tokio::time::timeout(
+        let mut results = match tokio::time::timeout(
             cfg.publish_timeout,
             self.inner.transport.publish(&messages),
         )
@@ -219,29 +228,65 @@ impl Relay {
                 after: cfg.publish_timeout,
             }),
         };
-        debug_assert_eq!(
-            results.len(),
-            rows.len(),
-            "transport must return one result per message"
-        );
+        if results.len() != rows.len() {
+            // A transport broke its contract (one result per message). Counting anything as
+            // confirmed could lose a message; treat every outcome as unknown instead.
+            error!(
+                transport = %self.inner.transport.describe(),
+                sent = rows.len(),
+                results = results.len(),
+                "transport returned the wrong number of results; releasing the batch"
+            );
+            results = crate::transport::fail_all(rows.len(), || {
+                Error::unavailable(
+                    "transport",
+                    "returned the wrong number of results (a bug in the transport)",
+                )
+            });
+        }
         self.hit(Failpoint::AfterConfirm);
 
+        // Walk the batch in order. A key is blocked from its first row that is not confirmed
+        // on: later rows of it are released even if the broker confirmed them, so they are
+        // published again after their head (a duplicate), never counted as published before it.
+        let dead_letter_after = cfg.attempts_before_dead_letter();
+        let mut blocked: HashSet<&str> = HashSet::new();
         let mut confirmed = Vec::with_capacity(rows.len());
         let mut unknown = Vec::new();
         for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok(()) => confirmed.push(row.seq),
+            let key = row.message.ordering_key.as_deref();
+            if key.is_some_and(|k| blocked.contains(k)) {
+                unknown.push(row.seq);
+                continue;
+            }
+            let keeps_key = match result {
+                Ok(()) => {
+                    confirmed.push(row.seq);
+                    true
+                }
                 Err(e) if e.is_transient() => {
                     if report.broker_error.is_none() {
                         report.broker_error = Some(e.chain());
                     }
                     unknown.push(row.seq);
+                    false
                 }
                 Err(e) => {
+                    let attempts = match e {
+                        Error::Unpublishable { .. } => 1,
+                        _ => dead_letter_after,
+                    };
                     let reason = e.chain();
-                    self.reject(&lease, row, &reason, cfg.max_attempts, &mut report)
+                    let outcome = self
+                        .reject(&lease, row, &reason, attempts, &mut report)
                         .await?;
+                    // A dead letter leaves the key's order; a row waiting for its retry is
+                    // still the key's head.
+                    outcome == RejectionOutcome::DeadLettered
                 }
+            };
+            if !keeps_key && let Some(k) = key {
+                blocked.insert(k);
             }
         }
 
@@ -255,29 +300,42 @@ impl Relay {
                     token = lease.token,
                     lost, "lease lost before marking; these messages will be published again"
                 );
-                report.lease_lost += lost;
-                self.inner
-                    .counters
-                    .lease_lost
-                    .fetch_add(lost as u64, Ordering::Relaxed);
+                report = self.lease_lost(report, lease.token, lost);
             }
         }
         if !unknown.is_empty() {
             report.released += store.release(&lease, &unknown).await? as usize;
-            self.inner
-                .counters
-                .released
-                .fetch_add(unknown.len() as u64, Ordering::Relaxed);
-            self.inner
-                .counters
-                .broker_errors
-                .fetch_add(1, Ordering::Relaxed);
+            self.count(&self.inner.counters.released, unknown.len());
+            if report.broker_error.is_some() {
+                self.count(&self.inner.counters.broker_errors, 1);
+            }
         }
-        self.inner
-            .counters
-            .published
-            .fetch_add(report.published as u64, Ordering::Relaxed);
+        self.count(&self.inner.counters.published, report.published);
         Ok(report)
+    }
+
+    fn count(&self, counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn lease_lost(&self, mut report: TickReport, token: i64, rows: usize) -> TickReport {
+        debug!(token, rows, "lease lost");
+        report.lease_lost += rows;
+        self.count(&self.inner.counters.lease_lost, rows);
+        report
+    }
+
+    /// Why `m` can never be published through this relay's transport, if it cannot.
+    fn unpublishable(&self, m: &Message) -> Option<String> {
+        let cfg = &self.inner.config;
+        let size = m.wire_size();
+        if size > cfg.max_message_bytes {
+            return Some(format!(
+                "message is {size} bytes, over the relay's limit of {} bytes (max_message_bytes)",
+                cfg.max_message_bytes
+            ));
+        }
+        self.inner.transport.validate(m).err().map(|e| e.chain())
     }
 
     async fn reject(
@@ -287,36 +345,38 @@ impl Relay {
         reason: &str,
         max_attempts: u32,
         report: &mut TickReport,
-    ) -> Result<()> {
+    ) -> Result<RejectionOutcome> {
         // Retry a rejected message after a growing delay: an unroutable command often means its
         // owner has not declared its queue yet.
-        let cfg = &self.inner.config;
-        let retry_after = cfg
-            .backoff_initial
-            .saturating_mul(1 << row.attempts.min(16))
-            .min(cfg.backoff_max);
+        let retry_after = self.inner.config.retry_delay(row.attempts);
         let seq = row.seq;
-        match self
+        let outcome = self
             .inner
             .store
             .record_rejection(lease, seq, reason, max_attempts, retry_after)
-            .await?
-        {
+            .await?;
+        match outcome {
             RejectionOutcome::WillRetry => {
-                warn!(seq, reason, "broker rejected message; will retry");
+                warn!(
+                    seq,
+                    reason,
+                    ?retry_after,
+                    "broker rejected message; will retry"
+                );
                 report.rejected += 1;
+                self.count(&self.inner.counters.rejected, 1);
             }
             RejectionOutcome::DeadLettered => {
                 warn!(seq, reason, "message dead-lettered");
                 report.dead_lettered += 1;
-                self.inner
-                    .counters
-                    .dead_lettered
-                    .fetch_add(1, Ordering::Relaxed);
+                self.count(&self.inner.counters.dead_lettered, 1);
             }
-            RejectionOutcome::LeaseLost => report.lease_lost += 1,
+            RejectionOutcome::LeaseLost => {
+                report.lease_lost += 1;
+                self.count(&self.inner.counters.lease_lost, 1);
+            }
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// Runs `workers` claim-publish-mark loops until `shutdown` completes, then lets every
@@ -328,10 +388,14 @@ impl Relay {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let signal = tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
+        let stop_tx = Arc::new(stop_tx);
+        let signal = {
+            let stop_tx = stop_tx.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            })
+        };
         let mut workers = tokio::task::JoinSet::new();
         for worker in 0..self.inner.config.workers {
             let relay = self.clone();
@@ -343,10 +407,12 @@ impl Relay {
             match joined {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    // One worker hit a permanent error: stop the others gracefully too.
-                    outcome = Err(e);
-                    signal.abort();
-                    workers.abort_all();
+                    // One worker hit a permanent error: stop the others gracefully too (each
+                    // finishes its in-flight batch, so no lease is left behind needlessly).
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                    let _ = stop_tx.send(true);
                 }
                 Err(e) if e.is_cancelled() => {}
                 Err(e) => std::panic::resume_unwind(e.into_panic()),

@@ -70,6 +70,9 @@ pub struct Claim {
     pub lease: Lease,
     /// The rows, in ascending `seq`.
     pub rows: Vec<OutboxRow>,
+    /// Rows the claim found undecodable and moved to the dead-letter table with the reason
+    /// (counted by the relay as dead-lettered).
+    pub parked: usize,
 }
 
 /// What happened to a rejected row.

@@ -19,8 +19,18 @@ use crate::message::{Kind, Message};
 /// next message (NATS, whose client reconnects by itself).
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
-    /// Publishes `batch` and waits for the broker's confirmations.
+    /// Publishes `batch` and waits for the broker's confirmations. A message that fails
+    /// [`Transport::validate`] is not sent; its result is that error.
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>>;
+
+    /// Checks `m` against this broker's wire before anything is sent: the CloudEvents rules
+    /// ([`Message::check_cloudevents`]) and the transport's own limits (name lengths, header
+    /// sizes, allowed characters). Fails with [`Error::Unpublishable`] naming the limit. Cheap
+    /// and pure; the relay calls it for every claimed row and dead-letters what fails, so no
+    /// client crate ever sees (and panics on) a value it cannot encode.
+    fn validate(&self, m: &Message) -> Result<()> {
+        m.check_cloudevents().map_err(Error::unpublishable)
+    }
 
     /// Opens a subscription. Events reach every subscribing service (each `service` gets its own
     /// copy); commands reach exactly one instance of the owning service.

@@ -205,6 +205,7 @@ impl EmbeddedTransport {
     }
 
     async fn append(&self, conn: &mut SqliteConnection, m: &Message) -> Result<()> {
+        self.validate(m)?;
         if m.kind == Kind::Command {
             let owned: Option<i64> =
                 sqlx::query_scalar("SELECT 1 FROM herald_queue_owner WHERE queue = ?1")

@@ -216,26 +216,31 @@ impl KafkaTransport {
 fn classify(m: &Message, e: KafkaError) -> Error {
     use RDKafkaErrorCode as C;
     match e.rdkafka_error_code() {
-        Some(C::MessageSizeTooLarge) => Error::rejected(format!(
+        Some(C::MessageSizeTooLarge) => Error::unpublishable(format!(
             "message of {} bytes is over the Kafka limit (message.max.bytes): {e}",
             m.payload.len()
         )),
-        Some(
-            C::InvalidRecord
-            | C::TopicAuthorizationFailed
-            | C::InvalidTopic
-            | C::InvalidMessageSize,
-        ) => Error::rejected(format!("Kafka refused the message: {e}")),
+        Some(C::InvalidRecord | C::InvalidTopic | C::InvalidMessageSize) => {
+            Error::unpublishable(format!("Kafka refused the message: {e}"))
+        }
+        Some(C::TopicAuthorizationFailed) => {
+            Error::rejected(format!("Kafka refused the message: {e}"))
+        }
         _ => kafka_err("publishing", e),
     }
 }
 
 #[async_trait]
 impl Transport for KafkaTransport {
+    fn validate(&self, m: &Message) -> Result<()> {
+        m.check_cloudevents().map_err(Error::unpublishable)?;
+        wire::check_limits(m)
+    }
+
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
         let mut pending = Vec::with_capacity(batch.len());
         for m in batch {
-            if let Err(e) = wire::check_destination(&m.destination) {
+            if let Err(e) = self.validate(m) {
                 pending.push(Err(e));
                 continue;
             }

@@ -19,10 +19,42 @@ pub fn check_destination(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::rejected(format!(
+        let name: String = name.chars().take(80).collect();
+        Err(Error::unpublishable(format!(
             "destination {name:?} is not a usable Kafka topic name: use 1 to 240 letters, digits, '.', '_' and '-'"
         )))
     }
+}
+
+/// librdkafka's default `message.max.bytes`: the largest record (key, headers and value) the
+/// producer sends.
+pub const MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// Bytes a record for `m` takes, roughly: key, value, header names and values, and the
+/// per-field overhead of the record format.
+pub fn record_bytes(m: &Message) -> usize {
+    let headers: usize = cloudevents::attributes(m)
+        .iter()
+        .map(|(k, v)| 3 + k.len() + v.len() + 10)
+        .sum();
+    m.payload.len()
+        + m.ordering_key.as_ref().map_or(0, String::len)
+        + headers
+        + m.content_type.len()
+        + 64
+}
+
+/// Checks `m` against Kafka's limits: a legal topic name and a record within
+/// [`MAX_RECORD_BYTES`].
+pub fn check_limits(m: &Message) -> Result<()> {
+    check_destination(&m.destination)?;
+    let size = record_bytes(m);
+    if size > MAX_RECORD_BYTES {
+        return Err(Error::unpublishable(format!(
+            "the record takes {size} bytes, over the Kafka producer's message.max.bytes of {MAX_RECORD_BYTES}"
+        )));
+    }
+    Ok(())
 }
 
 /// The Kafka topic of `destination`: events go to the topic named by it, commands to

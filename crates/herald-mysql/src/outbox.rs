@@ -312,6 +312,7 @@ impl OutboxStore for MySqlOutbox {
             .collect();
         let blocked = self.blocked_from(&mut tx, &candidates).await?;
         let mut claimed: Vec<OutboxRow> = Vec::with_capacity(rows.len());
+        let mut parked = 0;
         for (r, (seq, key)) in rows.iter().zip(&candidates) {
             if let Some(from) = key.as_ref().and_then(|k| blocked.get(k))
                 && seq > from
@@ -331,6 +332,7 @@ impl OutboxStore for MySqlOutbox {
                         &format!("cannot decode outbox row: {reason}"),
                     )
                     .await?;
+                    parked += 1;
                 }
             }
         }
@@ -357,6 +359,7 @@ impl OutboxStore for MySqlOutbox {
         Ok(Claim {
             lease: handle,
             rows: claimed,
+            parked,
         })
     }
 

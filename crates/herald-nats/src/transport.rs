@@ -94,7 +94,7 @@ impl NatsTransport {
     async fn publish_wave(&self, batch: &[Message], wave: &[usize]) -> Vec<Result<()>> {
         let mut pending = Vec::with_capacity(wave.len());
         for m in wave.iter().map(|i| &batch[*i]) {
-            if let Err(e) = wire::check_destination(&m.destination) {
+            if let Err(e) = self.validate(m) {
                 pending.push(Err(e));
                 continue;
             }
@@ -150,6 +150,11 @@ impl NatsTransport {
 
 #[async_trait]
 impl Transport for NatsTransport {
+    fn validate(&self, m: &Message) -> Result<()> {
+        m.check_cloudevents().map_err(Error::unpublishable)?;
+        wire::check_limits(m, self.js.client().server_info().max_payload)
+    }
+
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
         // async-nats reconnects by itself, even in the middle of a batch: a message written just
         // before the connection dropped is lost while the next one goes out on the new
@@ -292,10 +297,21 @@ fn classify(m: &Message, e: jetstream::context::PublishError) -> Error {
             }
         )),
         K::MaxPayloadExceeded => {
-            Error::rejected(format!("message too large for the NATS server: {e}"))
+            Error::unpublishable(format!("message too large for the NATS server: {e}"))
         }
+        K::Other if refused_headers(&e) => Error::unpublishable(format!(
+            "NATS JetStream refused the message's headers (over {} bytes): {e}",
+            wire::MAX_HEADER_BYTES
+        )),
         _ => nats_err("publishing", e),
     }
+}
+
+/// Whether JetStream answered the publish with "header size exceeds maximum" (10097).
+fn refused_headers(e: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| j.error_code() == jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM)
 }
 
 struct NatsSubscriber {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use herald_core::message::from_micros;
+use herald_core::message::{from_micros, micros_from_epoch_text};
 use herald_core::store::{OUTBOX_COLUMNS, RawRow};
 use herald_core::{
     Claim, DestinationStats, Error, Identifier, Lease, OutboxRow, OutboxStore, RejectionOutcome,
@@ -42,9 +42,13 @@ impl Sql {
     fn new(table: &Identifier) -> Result<Sql> {
         let dead = table.with_suffix("_dead_letter")?;
         let t = table.as_str();
+        // Nothing in the claim may fail for one row: every column is read as text or bytes
+        // (casts that cannot fail) and decoded in Rust, row by row. A `created_at` of
+        // 'infinity' or in the year 294276 becomes that row's dead-letter reason, not an
+        // error of the whole claim.
         let cols = "id, message_id::text AS message_id, kind, message_type, source, destination, ordering_key, \
                     headers::text AS headers, content_type, payload, \
-                    (extract(epoch FROM created_at) * 1000000)::bigint AS created_at, attempts";
+                    extract(epoch FROM created_at)::text AS created_at, attempts";
         Ok(Sql {
             // Head-of-key claiming (see herald_core::store): free rows in id order whose key has no
             // row under a live lease. The leased keys are read once per claim (a hashed subplan
@@ -84,7 +88,7 @@ impl Sql {
                  content_type, payload, created_at, attempts, $2 FROM moved"
             ),
             stats: format!(
-                "SELECT destination, COUNT(*) AS n, (extract(epoch FROM MIN(created_at)) * 1000000)::bigint AS oldest \
+                "SELECT destination, COUNT(*) AS n, extract(epoch FROM MIN(created_at))::text AS oldest \
                  FROM \"{t}\" GROUP BY destination"
             ),
             dead_stats: format!(
@@ -158,7 +162,16 @@ async fn check_columns(pool: &PgPool, table: &Identifier, columns: &[&str]) -> R
     Ok(())
 }
 
-fn raw_row(r: &sqlx::postgres::PgRow) -> std::result::Result<RawRow, sqlx::Error> {
+fn raw_row(r: &sqlx::postgres::PgRow) -> std::result::Result<RawRow, String> {
+    let created_at: String = r.try_get("created_at").map_err(|e| e.to_string())?;
+    let created_at_micros = micros_from_epoch_text(&created_at)?;
+    raw_columns(r, created_at_micros).map_err(|e| e.to_string())
+}
+
+fn raw_columns(
+    r: &sqlx::postgres::PgRow,
+    created_at_micros: i64,
+) -> std::result::Result<RawRow, sqlx::Error> {
     Ok(RawRow {
         seq: r.try_get("id")?,
         message_id: r.try_get("message_id")?,
@@ -170,7 +183,7 @@ fn raw_row(r: &sqlx::postgres::PgRow) -> std::result::Result<RawRow, sqlx::Error
         headers: r.try_get("headers")?,
         content_type: r.try_get("content_type")?,
         payload: r.try_get("payload")?,
-        created_at_micros: r.try_get("created_at")?,
+        created_at_micros,
         attempts: r.try_get("attempts")?,
     })
 }
@@ -204,12 +217,10 @@ impl OutboxStore for PgOutbox {
             .await
             .map_err(|e| db("claiming outbox rows", e))?;
         let mut claimed: Vec<OutboxRow> = Vec::with_capacity(rows.len());
+        let mut parked = 0;
         for r in &rows {
             let seq: i64 = r.get("id");
-            match raw_row(r)
-                .map_err(|e| e.to_string())
-                .and_then(RawRow::decode)
-            {
+            match raw_row(r).and_then(RawRow::decode) {
                 Ok(row) => claimed.push(row),
                 Err(reason) => {
                     tracing::warn!(seq, %reason, "outbox row cannot be decoded; dead-lettering it");
@@ -219,6 +230,7 @@ impl OutboxStore for PgOutbox {
                         &format!("cannot decode outbox row: {reason}"),
                     )
                     .await?;
+                    parked += 1;
                 }
             }
         }
@@ -227,6 +239,7 @@ impl OutboxStore for PgOutbox {
         Ok(Claim {
             lease: handle,
             rows: claimed,
+            parked,
         })
     }
 
@@ -299,7 +312,10 @@ impl OutboxStore for PgOutbox {
             .map(|r| DestinationStats {
                 destination: r.get("destination"),
                 pending: r.get::<i64, _>("n") as u64,
-                oldest: r.get::<Option<i64>, _>("oldest").map(from_micros),
+                oldest: r
+                    .get::<Option<String>, _>("oldest")
+                    .and_then(|t| micros_from_epoch_text(&t).ok())
+                    .map(from_micros),
                 dead_letters: 0,
             })
             .collect();

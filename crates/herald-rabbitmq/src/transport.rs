@@ -1,6 +1,6 @@
 //! Publishing to and consuming from RabbitMQ.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -116,13 +116,17 @@ impl RabbitTransport {
     }
 
     async fn publish_on(&self, link: &mut Link, batch: &[Message]) -> Vec<Result<()>> {
+        let frame_max = link.connection.configuration().frame_max();
         let mut pending = Vec::with_capacity(batch.len());
         for m in batch {
             let (exchange, routing_key, mandatory) = match m.kind {
                 Kind::Event => (m.destination.as_str(), m.message_type.as_str(), false),
                 Kind::Command => ("", m.destination.as_str(), true),
             };
-            if let Err(e) = check_name(&m.destination) {
+            if let Err(e) = self
+                .validate(m)
+                .and_then(|()| crate::wire::check_frame(m, frame_max))
+            {
                 pending.push(Err(e));
                 continue;
             }
@@ -164,8 +168,15 @@ impl RabbitTransport {
                 .await;
             pending.push(sent.map_err(|e| classify(link, "publishing", e)));
         }
-        let mut results = Vec::with_capacity(batch.len());
-        for (m, p) in batch.iter().zip(pending) {
+
+        // Wait for every confirm first. lapin hands a `basic.return` to whichever pending
+        // confirm it completes first when RabbitMQ acknowledges several deliveries at once, so
+        // the return a confirm carries may belong to another message. Returns are therefore
+        // collected over the whole batch and matched to messages by the `message_id` property
+        // they carry, never by the confirm they arrived with.
+        let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
+        let mut returns = Returns::default();
+        for (i, p) in pending.into_iter().enumerate() {
             let confirm = match p {
                 Ok(confirm) => confirm,
                 Err(e) => {
@@ -174,40 +185,124 @@ impl RabbitTransport {
                 }
             };
             let outcome = match tokio::time::timeout(self.confirm_timeout, confirm).await {
-                Err(_) => Err(Error::Timeout {
-                    what: "RabbitMQ publisher confirm".to_owned(),
-                    after: self.confirm_timeout,
-                }),
-                Ok(Err(e)) => Err(lapin_err("waiting for a confirm", e)),
-                Ok(Ok(c)) if c.is_nack() => Err(Error::unavailable(
-                    "RabbitMQ",
-                    "the broker nacked the message (internal error)",
-                )),
-                Ok(Ok(c)) => match c.take_message() {
-                    None => Ok(()),
-                    Some(returned) => Err(Error::rejected(format!(
-                        "RabbitMQ returned the {} to {:?}: {} {} (no queue is bound: does its owner exist?)",
-                        m.kind.as_str(),
-                        m.destination,
-                        returned.reply_code,
-                        returned.reply_text
-                    ))),
-                },
+                Err(_) => {
+                    returns.all_resolved = false;
+                    Err(Error::Timeout {
+                        what: "RabbitMQ publisher confirm".to_owned(),
+                        after: self.confirm_timeout,
+                    })
+                }
+                Ok(Err(e)) => {
+                    returns.all_resolved = false;
+                    Err(lapin_err("waiting for a confirm", e))
+                }
+                Ok(Ok(c)) => {
+                    let nacked = c.is_nack();
+                    if let Some(r) = c.take_message() {
+                        returns.add(i, r.properties.message_id().as_ref().map(|id| id.as_str()));
+                    }
+                    if nacked {
+                        Err(Error::unavailable(
+                            "RabbitMQ",
+                            "the broker nacked the message (internal error)",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }
             };
             results.push(outcome);
         }
+        returns.apply(batch, &mut results);
         results
     }
 }
 
-/// AMQP names are short strings: at most 255 bytes.
-fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 255 {
-        return Err(Error::rejected(format!(
-            "destination {name:?} is not a valid AMQP name (1 to 255 bytes)"
-        )));
+/// The `basic.return`s of one batch, by the `message_id` they carry.
+struct Returns {
+    by_id: HashMap<String, usize>,
+    /// Indexes of confirms that carried a return matching no command of the batch.
+    carried_by: Vec<(usize, Option<String>)>,
+    /// Whether every confirm of the batch came back (else a return may still be on its way).
+    all_resolved: bool,
+}
+
+impl Default for Returns {
+    fn default() -> Self {
+        Returns {
+            by_id: HashMap::new(),
+            carried_by: Vec::new(),
+            all_resolved: true,
+        }
     }
-    Ok(())
+}
+
+impl Returns {
+    fn add(&mut self, carrier: usize, message_id: Option<&str>) {
+        if let Some(id) = message_id {
+            *self.by_id.entry(id.to_owned()).or_default() += 1;
+        }
+        self.carried_by
+            .push((carrier, message_id.map(str::to_owned)));
+    }
+
+    /// Turns provisional confirmations into rejections or unknown outcomes where the returns
+    /// say so. A command counts as routed only if no return names it and every confirm of the
+    /// batch came back.
+    fn apply(&self, batch: &[Message], results: &mut [Result<()>]) {
+        // How many commands of the batch carry each id (a producer may reuse one).
+        let mut commands: HashMap<String, usize> = HashMap::new();
+        for m in batch.iter().filter(|m| m.kind == Kind::Command) {
+            *commands.entry(m.id.to_string()).or_default() += 1;
+        }
+        // A return that names no command of this batch proves nothing about the confirm that
+        // carried it: that confirm's outcome is unknown.
+        let stray: Vec<usize> = self
+            .carried_by
+            .iter()
+            .filter(|(_, id)| id.as_ref().is_none_or(|id| !commands.contains_key(id)))
+            .map(|(i, _)| *i)
+            .collect();
+        for (i, (m, result)) in batch.iter().zip(results.iter_mut()).enumerate() {
+            if result.is_err() {
+                continue;
+            }
+            if stray.contains(&i) {
+                *result = Err(Error::unavailable(
+                    "RabbitMQ",
+                    "the confirm carried a returned message that matches no command of the batch",
+                ));
+                continue;
+            }
+            if m.kind != Kind::Command {
+                continue;
+            }
+            let id = m.id.to_string();
+            let sent = commands.get(&id).copied().unwrap_or(0);
+            match self.by_id.get(&id).copied().unwrap_or(0) {
+                0 if self.all_resolved => {}
+                0 => {
+                    *result = Err(Error::unavailable(
+                        "RabbitMQ",
+                        "a confirm of the batch never came, so this command's return may be missing",
+                    ))
+                }
+                n if n >= sent => {
+                    *result = Err(Error::rejected(format!(
+                        "RabbitMQ returned the command to queue {:?} as unroutable (no queue of that name: has its owner subscribed yet?)",
+                        m.destination
+                    )))
+                }
+                // Some, not all, of the commands sharing this id came back: which is unknown.
+                _ => {
+                    *result = Err(Error::unavailable(
+                        "RabbitMQ",
+                        "several commands of the batch share a message_id and only some were returned",
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// A failure with the connection still up is about this message (the channel refused it); with
@@ -224,6 +319,11 @@ fn classify(link: &Link, what: &str, e: lapin::Error) -> Error {
 
 #[async_trait]
 impl Transport for RabbitTransport {
+    fn validate(&self, m: &Message) -> Result<()> {
+        m.check_cloudevents().map_err(Error::unpublishable)?;
+        crate::wire::check_limits(m)
+    }
+
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
         let mut state = self.state.lock().await;
         let results = match self.link(&mut state).await {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use herald_core::{
     Delivery, Error, Kind, Message, Received, ReplayFrom, Result, SecretUrl, Subscriber,
-    Subscription, Transport, Undecodable,
+    Subscription, Transport, Undecodable, cloudevents,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
@@ -209,22 +209,33 @@ fn entries(v: Value) -> Vec<Entry> {
 
 #[async_trait]
 impl Transport for RedisTransport {
+    fn validate(&self, m: &Message) -> Result<()> {
+        m.check_cloudevents().map_err(Error::unpublishable)?;
+        wire::check_destination(&m.destination)?;
+        // Every field is a bulk string; Redis closes the connection on one over its limit.
+        let largest = cloudevents::attributes(m)
+            .iter()
+            .map(|(_, v)| v.len())
+            .chain([m.payload.len(), m.content_type.len()])
+            .max()
+            .unwrap_or(0);
+        if largest > self.max_entry {
+            return Err(Error::unpublishable(format!(
+                "a field of {largest} bytes is over this Redis server's limit of {} bytes (proto-max-bulk-len)",
+                self.max_entry
+            )));
+        }
+        Ok(())
+    }
+
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut sent = Vec::new();
         for (i, m) in batch.iter().enumerate() {
-            if let Err(e) = wire::check_destination(&m.destination) {
+            if let Err(e) = self.validate(m) {
                 results.push(Some(Err(e)));
-                continue;
-            }
-            if m.payload.len() > self.max_entry {
-                results.push(Some(Err(Error::rejected(format!(
-                    "payload of {} bytes is over this Redis server's limit of {} bytes (proto-max-bulk-len)",
-                    m.payload.len(),
-                    self.max_entry
-                )))));
                 continue;
             }
             let cmd = pipe

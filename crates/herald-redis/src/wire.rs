@@ -18,7 +18,8 @@ pub fn check_destination(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::rejected(format!(
+        let name: String = name.chars().take(80).collect();
+        Err(Error::unpublishable(format!(
             "destination {name:?} is not usable on Redis: use 1 to 200 letters, digits, '_', '-', '.' and ':'"
         )))
     }

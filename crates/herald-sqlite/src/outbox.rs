@@ -77,10 +77,15 @@ impl Sql {
             ),
             delete_one: format!("DELETE FROM \"{t}\" WHERE id = ?1"),
             stats: format!(
-                "SELECT destination, COUNT(*) AS n, MIN(created_at) AS oldest FROM \"{t}\" GROUP BY destination"
+                // Any value may sit in a SQLite column: destinations are read as bytes, times only
+                // where they are integers, so one odd row cannot make `herald status` fail.
+                "SELECT CAST(destination AS BLOB) AS destination, COUNT(*) AS n, \
+                 MIN(CASE WHEN typeof(created_at) = 'integer' THEN created_at END) AS oldest \
+                 FROM \"{t}\" GROUP BY CAST(destination AS BLOB)"
             ),
             dead_stats: format!(
-                "SELECT destination, COUNT(*) AS n FROM \"{dead}\" GROUP BY destination"
+                "SELECT CAST(destination AS BLOB) AS destination, COUNT(*) AS n FROM \"{dead}\" \
+                 GROUP BY CAST(destination AS BLOB)"
             ),
             table: table.clone(),
             dead,
@@ -179,6 +184,15 @@ fn raw_row(r: &sqlx::sqlite::SqliteRow) -> std::result::Result<RawRow, sqlx::Err
     })
 }
 
+/// A text column read as bytes, shown lossily when it is not UTF-8 (`NULL` shows as empty).
+fn lossy(r: &sqlx::sqlite::SqliteRow, column: &str) -> String {
+    r.try_get::<Option<Vec<u8>>, _>(column)
+        .ok()
+        .flatten()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 #[async_trait]
 impl OutboxStore for SqliteOutbox {
     async fn claim(&self, owner: &str, max: usize, lease: Duration) -> Result<Claim> {
@@ -200,6 +214,7 @@ impl OutboxStore for SqliteOutbox {
             .await
             .map_err(|e| db("claiming outbox rows", e))?;
         let mut claimed: Vec<OutboxRow> = Vec::with_capacity(rows.len());
+        let mut parked = 0;
         for r in &rows {
             // A row that cannot be read is parked with the reason, not dropped and not retried.
             let seq: i64 = r.get("id");
@@ -216,6 +231,7 @@ impl OutboxStore for SqliteOutbox {
                         &format!("cannot decode outbox row: {reason}"),
                     )
                     .await?;
+                    parked += 1;
                 }
             }
         }
@@ -224,6 +240,7 @@ impl OutboxStore for SqliteOutbox {
         Ok(Claim {
             lease: lease_handle,
             rows: claimed,
+            parked,
         })
     }
 
@@ -295,15 +312,19 @@ impl OutboxStore for SqliteOutbox {
         let out: Vec<DestinationStats> = pending
             .iter()
             .map(|r| DestinationStats {
-                destination: r.get("destination"),
+                destination: lossy(r, "destination"),
                 pending: r.get::<i64, _>("n") as u64,
-                oldest: r.get::<Option<i64>, _>("oldest").map(from_micros),
+                oldest: r
+                    .try_get::<Option<i64>, _>("oldest")
+                    .ok()
+                    .flatten()
+                    .map(from_micros),
                 dead_letters: 0,
             })
             .collect();
         let dead = dead
             .iter()
-            .map(|r| (r.get("destination"), r.get::<i64, _>("n") as u64));
+            .map(|r| (lossy(r, "destination"), r.get::<i64, _>("n") as u64));
         Ok(herald_core::store::with_dead_letters(out, dead))
     }
 

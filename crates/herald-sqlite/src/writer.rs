@@ -22,7 +22,13 @@ impl SqliteOutboxWriter {
     }
 
     /// Adds `message` to the outbox in the caller's transaction. Returns the row's sequence number.
+    /// Fails with [`herald_core::Error::Unpublishable`], writing nothing, if the message breaks a
+    /// CloudEvents rule ([`Message::check_cloudevents`]).
     pub async fn enqueue(&self, conn: &mut SqliteConnection, message: &Message) -> Result<i64> {
+        // Refuse here what the relay would dead-letter: the producer hears of it at once.
+        message
+            .check_cloudevents()
+            .map_err(herald_core::Error::unpublishable)?;
         let headers = serde_json::to_string(&message.headers).expect("a string map serialises");
         let done = sqlx::query(AssertSqlSafe(self.insert.as_str()))
             .bind(message.id.to_string())
