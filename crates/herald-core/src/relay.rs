@@ -5,7 +5,7 @@
 //! a duplicate, never a loss. Leases are committed before publishing and carry a fencing token, so
 //! a relay that was paused past its lease finds its marks refused and stops publishing that batch.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -215,35 +215,7 @@ impl Relay {
             return Ok(self.lease_lost(report, lease.token, rows.len()));
         }
 
-        let messages: Vec<_> = rows.iter().map(|r| r.message.clone()).collect();
-        let mut results = match tokio::time::timeout(
-            cfg.publish_timeout,
-            self.inner.transport.publish(&messages),
-        )
-        .await
-        {
-            Ok(results) => results,
-            Err(_) => crate::transport::fail_all(messages.len(), || Error::Timeout {
-                what: "broker confirmation".to_owned(),
-                after: cfg.publish_timeout,
-            }),
-        };
-        if results.len() != rows.len() {
-            // A transport broke its contract (one result per message). Counting anything as
-            // confirmed could lose a message; treat every outcome as unknown instead.
-            error!(
-                transport = %self.inner.transport.describe(),
-                sent = rows.len(),
-                results = results.len(),
-                "transport returned the wrong number of results; releasing the batch"
-            );
-            results = crate::transport::fail_all(rows.len(), || {
-                Error::unavailable(
-                    "transport",
-                    "returned the wrong number of results (a bug in the transport)",
-                )
-            });
-        }
+        let results = self.publish_in_waves(&rows, &lease).await;
         self.hit(Failpoint::AfterConfirm);
 
         // Walk the batch in order. A key is blocked from its first row that is not confirmed
@@ -259,6 +231,14 @@ impl Relay {
                 unknown.push(row.seq);
                 continue;
             }
+            let Some(result) = result else {
+                // Held back behind an earlier command of its key that was not confirmed.
+                unknown.push(row.seq);
+                if let Some(k) = key {
+                    blocked.insert(k);
+                }
+                continue;
+            };
             let keeps_key = match result {
                 Ok(()) => {
                     confirmed.push(row.seq);
@@ -312,6 +292,95 @@ impl Relay {
         }
         self.count(&self.inner.counters.published, report.published);
         Ok(report)
+    }
+
+    /// Publishes `rows` and returns one outcome per row, `None` for a row held back unsent.
+    ///
+    /// A command can be refused on its own (its owner has not declared its queue yet), and the
+    /// broker says so only with its confirmation. Were the later messages of its key already
+    /// sent, they would reach consumers before it: the order broken on the wire, however the
+    /// rows are counted afterwards. So the batch goes out in waves: a key's messages after a
+    /// command wait for the next wave, and are held back (released, published next tick) if
+    /// that command was not confirmed. A batch of events is one wave. Every wave shares the
+    /// publish timeout, and none starts once the lease is no longer safe to publish under.
+    async fn publish_in_waves(
+        &self,
+        rows: &[crate::store::OutboxRow],
+        lease: &crate::store::Lease,
+    ) -> Vec<Option<Result<()>>> {
+        let cfg = &self.inner.config;
+        let mut next_wave: HashMap<&str, usize> = HashMap::new();
+        let waves: Vec<usize> = rows
+            .iter()
+            .map(|r| match r.message.ordering_key.as_deref() {
+                None => 0,
+                Some(k) => {
+                    let w = next_wave.get(k).copied().unwrap_or(0);
+                    if r.message.kind == crate::message::Kind::Command {
+                        next_wave.insert(k, w + 1);
+                    }
+                    w
+                }
+            })
+            .collect();
+        let last_wave = waves.iter().copied().max().unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + cfg.publish_timeout;
+        let mut results: Vec<Option<Result<()>>> = (0..rows.len()).map(|_| None).collect();
+        let mut failed: HashSet<&str> = HashSet::new();
+        for wave in 0..=last_wave {
+            if wave > 0 && !lease.usable(cfg.lease) {
+                break;
+            }
+            let send: Vec<usize> = (0..rows.len())
+                .filter(|i| waves[*i] == wave)
+                .filter(|i| {
+                    rows[*i]
+                        .message
+                        .ordering_key
+                        .as_deref()
+                        .is_none_or(|k| !failed.contains(k))
+                })
+                .collect();
+            if send.is_empty() {
+                continue;
+            }
+            let messages: Vec<Message> = send.iter().map(|i| rows[*i].message.clone()).collect();
+            let sent =
+                match tokio::time::timeout_at(deadline, self.inner.transport.publish(&messages))
+                    .await
+                {
+                    Ok(r) if r.len() == messages.len() => r,
+                    Ok(r) => {
+                        // A transport broke its contract (one result per message). Counting
+                        // anything as confirmed could lose a message: every outcome is unknown.
+                        error!(
+                            transport = %self.inner.transport.describe(),
+                            sent = messages.len(),
+                            results = r.len(),
+                            "transport returned the wrong number of results; releasing the batch"
+                        );
+                        crate::transport::fail_all(messages.len(), || {
+                            Error::unavailable(
+                                "transport",
+                                "returned the wrong number of results (a bug in the transport)",
+                            )
+                        })
+                    }
+                    Err(_) => crate::transport::fail_all(messages.len(), || Error::Timeout {
+                        what: "broker confirmation".to_owned(),
+                        after: cfg.publish_timeout,
+                    }),
+                };
+            for (i, r) in send.into_iter().zip(sent) {
+                if r.is_err()
+                    && let Some(k) = rows[i].message.ordering_key.as_deref()
+                {
+                    failed.insert(k);
+                }
+                results[i] = Some(r);
+            }
+        }
+        results
     }
 
     fn count(&self, counter: &AtomicU64, n: usize) {

@@ -95,6 +95,25 @@ impl StoreHarness for MySql {
         Ok(())
     }
 
+    async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
+             VALUES (COALESCE(?, UUID()), ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(r.message_id.as_deref())
+        .bind(&r.kind)
+        .bind(&r.message_type)
+        .bind(&r.destination)
+        .bind(r.ordering_key.as_deref())
+        .bind(&r.headers)
+        .bind(&r.content_type)
+        .bind(&r.payload)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
         sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', ?, '[1,2]', x'00')")
             .bind(destination)

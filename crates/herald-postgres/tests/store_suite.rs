@@ -109,6 +109,45 @@ impl StoreHarness for Postgres {
         Ok(())
     }
 
+    async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
+             VALUES (COALESCE($1::uuid, gen_random_uuid()), $2, $3, $4, $5, $6::jsonb, $7, $8)",
+        )
+        .bind(r.message_id.as_deref())
+        .bind(&r.kind)
+        .bind(&r.message_type)
+        .bind(&r.destination)
+        .bind(r.ordering_key.as_deref())
+        .bind(&r.headers)
+        .bind(&r.content_type)
+        .bind(&r.payload)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    async fn insert_native(
+        &self,
+        case: herald_testkit::poison::NativePoison,
+        destination: &str,
+    ) -> Result<bool> {
+        use herald_testkit::poison::NativePoison as N;
+        let created_at = match case {
+            N::InfiniteTime => "infinity",
+            N::FarFutureTime => "294276-01-01",
+            _ => return Ok(false),
+        };
+        sqlx::query("INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', $1, '\\x00', $2::timestamptz)")
+            .bind(destination)
+            .bind(created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(true)
+    }
+
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
         sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', $1, '[1,2]', '\\x00')")
             .bind(destination)

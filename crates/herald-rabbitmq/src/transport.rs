@@ -76,7 +76,10 @@ impl RabbitTransport {
         .await
         {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(lapin_err(&self.url.redacted(), e)),
+            Ok(Err(e)) => {
+                Err(login_refused(&self.url, &e)
+                    .unwrap_or_else(|| lapin_err(&self.url.redacted(), e)))
+            }
             Err(_) => Err(Error::Timeout {
                 what: format!("connecting to RabbitMQ at {}", self.url.redacted()),
                 after: Duration::from_secs(10),
@@ -199,7 +202,12 @@ impl RabbitTransport {
                 Ok(Ok(c)) => {
                     let nacked = c.is_nack();
                     if let Some(r) = c.take_message() {
-                        returns.add(i, r.properties.message_id().as_ref().map(|id| id.as_str()));
+                        let why = format!("{} {}", r.reply_code, r.reply_text);
+                        returns.add(
+                            i,
+                            r.properties.message_id().as_ref().map(|id| id.as_str()),
+                            why,
+                        );
                     }
                     if nacked {
                         Err(Error::unavailable(
@@ -220,7 +228,8 @@ impl RabbitTransport {
 
 /// The `basic.return`s of one batch, by the `message_id` they carry.
 struct Returns {
-    by_id: HashMap<String, usize>,
+    /// How many returns name each id, and RabbitMQ's reply (`312 NO_ROUTE`).
+    by_id: HashMap<String, (usize, String)>,
     /// Indexes of confirms that carried a return matching no command of the batch.
     carried_by: Vec<(usize, Option<String>)>,
     /// Whether every confirm of the batch came back (else a return may still be on its way).
@@ -238,9 +247,10 @@ impl Default for Returns {
 }
 
 impl Returns {
-    fn add(&mut self, carrier: usize, message_id: Option<&str>) {
+    fn add(&mut self, carrier: usize, message_id: Option<&str>, reply: String) {
         if let Some(id) = message_id {
-            *self.by_id.entry(id.to_owned()).or_default() += 1;
+            let entry = self.by_id.entry(id.to_owned()).or_insert((0, reply));
+            entry.0 += 1;
         }
         self.carried_by
             .push((carrier, message_id.map(str::to_owned)));
@@ -279,7 +289,11 @@ impl Returns {
             }
             let id = m.id.to_string();
             let sent = commands.get(&id).copied().unwrap_or(0);
-            match self.by_id.get(&id).copied().unwrap_or(0) {
+            let (n, reply) = self
+                .by_id
+                .get(&id)
+                .map_or((0, ""), |(n, reply)| (*n, reply.as_str()));
+            match n {
                 0 if self.all_resolved => {}
                 0 => {
                     *result = Err(Error::unavailable(
@@ -289,7 +303,7 @@ impl Returns {
                 }
                 n if n >= sent => {
                     *result = Err(Error::rejected(format!(
-                        "RabbitMQ returned the command to queue {:?} as unroutable (no queue of that name: has its owner subscribed yet?)",
+                        "RabbitMQ returned the command to queue {:?} as unroutable ({reply}: no queue of that name; has its owner subscribed yet?)",
                         m.destination
                     )))
                 }
@@ -302,6 +316,26 @@ impl Returns {
                 }
             }
         }
+    }
+}
+
+/// A refused login or virtual host while connecting: retrying cannot help, so it is a
+/// configuration error (fatal at start-up) that names the user, never the password.
+fn login_refused(url: &SecretUrl, e: &lapin::Error) -> Option<Error> {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return None;
+    };
+    let user = url.url().username();
+    let vhost = url.url().path().trim_start_matches('/');
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+        | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Some(Error::config(format!(
+            "RabbitMQ at {} refused the login for user {user:?} on virtual host {vhost:?} ({}): check the user, password and vhost in the broker URL",
+            url.redacted(),
+            amqp.get_message()
+        ))),
+        _ => None,
     }
 }
 

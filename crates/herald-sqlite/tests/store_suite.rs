@@ -108,6 +108,51 @@ impl StoreHarness for Sqlite {
         Ok(())
     }
 
+    async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
+             VALUES (COALESCE(?1, lower(hex(randomblob(16)))), ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(r.message_id.as_deref())
+        .bind(&r.kind)
+        .bind(&r.message_type)
+        .bind(&r.destination)
+        .bind(r.ordering_key.as_deref())
+        .bind(&r.headers)
+        .bind(&r.content_type)
+        .bind(&r.payload)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(())
+    }
+
+    async fn insert_native(
+        &self,
+        case: herald_testkit::poison::NativePoison,
+        destination: &str,
+    ) -> Result<bool> {
+        use herald_testkit::poison::NativePoison as N;
+        let sql = match case {
+            N::InvalidUtf8Text => {
+                "INSERT INTO herald_outbox (message_type, destination, payload) VALUES (CAST(x'c3fffe' AS TEXT), ?1, x'00')"
+            }
+            N::BlobInTextColumn => {
+                "INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) VALUES ('T', ?1, x'00ff', x'00')"
+            }
+            N::TextInIntegerColumn => {
+                "INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', ?1, x'00', 'yesterday')"
+            }
+            _ => return Ok(false),
+        };
+        sqlx::query(sql)
+            .bind(destination)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
+        Ok(true)
+    }
+
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
         sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', ?1, '[1,2]', x'00')")
             .bind(destination)

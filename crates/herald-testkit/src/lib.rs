@@ -5,6 +5,7 @@ pub mod consumer_suite;
 mod flaky;
 mod history;
 pub mod inbox_suite;
+pub mod poison;
 mod proxy;
 pub mod suite;
 pub mod transport_suite;

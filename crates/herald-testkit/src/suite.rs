@@ -32,6 +32,18 @@ pub trait StoreHarness: Send + Sync {
         key: &str,
         payload: &[u8],
     ) -> Result<()>;
+    /// Inserts `row` with plain SQL and bind parameters, every column as given.
+    async fn insert_raw(&self, row: &crate::poison::RawInsert) -> Result<()>;
+    /// Inserts a row only this database accepts, for `destination`; false if the case does not
+    /// apply here.
+    async fn insert_native(
+        &self,
+        case: crate::poison::NativePoison,
+        destination: &str,
+    ) -> Result<bool> {
+        let _ = (case, destination);
+        Ok(false)
+    }
     /// Inserts a row whose `headers` column is not a JSON object of strings.
     async fn insert_undecodable(&self, destination: &str) -> Result<()>;
     /// Reasons recorded in the dead-letter table, by destination.
@@ -224,6 +236,7 @@ pub async fn poison_is_dead_lettered_with_reason(h: &dyn StoreHarness) -> Result
     let config = RelayConfig {
         max_message_bytes: 1024,
         max_attempts: 3,
+        retry_window: Duration::ZERO,
         backoff_initial: Duration::from_millis(1),
         backoff_max: Duration::from_millis(4),
         ..cfg("r")
@@ -416,6 +429,15 @@ macro_rules! store_suite {
         $crate::store_suite!(@one $make, undecodable_row_is_dead_lettered);
         $crate::store_suite!(@one $make, plain_sql_row_is_published);
         $crate::store_suite!(@one $make, two_relays_keep_order_per_key);
+        $crate::store_suite!(@poison $make, rows_end_published_or_dead_lettered);
+    };
+    (@poison $make:expr, $name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let harness = $make.await;
+            $crate::poison::$name(&harness).await.expect(stringify!($name));
+            $crate::suite::StoreHarness::cleanup(&harness).await;
+        }
     };
     (@one $make:expr, $name:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -430,6 +430,13 @@ macro_rules! transport_suite {
             $crate::transport_suite!(@one $make, undecodable_is_surfaced_with_a_reason);
             $crate::transport_suite!(@one $make, command_before_owner_matches_the_flag);
 
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn poison_messages_are_refused_alone() {
+                let harness = $make.await;
+                $crate::poison::messages_are_refused_alone(&harness).await;
+                $crate::consumer_suite::ConsumerHarness::cleanup(&harness).await;
+            }
+
             #[tokio::test]
             async fn capabilities_are_documented() {
                 let harness = $make.await;
