@@ -202,10 +202,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     // Everything that can be wrong with the configuration is checked before connecting.
     let config = args.config()?;
     let db_url = backends::parse_url("database", &args.db.database)?;
-    let broker = backends::broker_or_default(args.broker.as_deref(), &db_url)?;
-    let broker_url = backends::parse_url("broker", &broker)?;
     let table = herald::Identifier::new(&args.db.table)?;
     let crash = parse_failpoint(args.failpoint.as_deref())?;
+    let broker = backends::broker_or_default(args.broker.as_deref(), &db_url)?;
+    let broker_url = backends::parse_url("broker", &broker)?;
 
     let db = backends::open_database(&db_url, None).await?;
     let mut store = backends::open_store(&db, &table).await?;

@@ -58,6 +58,8 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
         "--until-empty",
         "--max-attempts",
         "1",
+        "--retry-window",
+        "0s",
     ]));
     // A consumer-side dead letter, as the consumer runtime writes it.
     sqlx::query(

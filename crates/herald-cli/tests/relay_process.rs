@@ -495,10 +495,65 @@ async fn invalid_configuration_fails_clearly() {
             vec![
                 "--database".into(),
                 db.url.clone(),
+                "--broker".into(),
+                amqp_url(),
                 "--table".into(),
                 "no_such_table".into(),
             ],
             "herald migrate",
+        ),
+        (
+            vec!["--database".into(), db.url.clone()],
+            "--broker is required with a postgres database",
+        ),
+        (
+            vec![
+                "--database".into(),
+                db.url.clone(),
+                "--broker".into(),
+                amqp_url(),
+                "--publish-timeout".into(),
+                "0s".into(),
+            ],
+            "publish timeout",
+        ),
+        (
+            vec![
+                "--database".into(),
+                db.url.clone(),
+                "--broker".into(),
+                amqp_url(),
+                "--max-message-bytes".into(),
+                "0".into(),
+            ],
+            "max message bytes",
+        ),
+        (
+            vec![
+                "--database".into(),
+                db.url.clone(),
+                "--broker".into(),
+                "nats://127.0.0.1:4222?tls=true".into(),
+            ],
+            "use tls://",
+        ),
+        (
+            vec![
+                "--database".into(),
+                db.url.clone(),
+                "--broker".into(),
+                "rediss://u:sentinel-pw@127.0.0.1:6379".into(),
+            ],
+            "not supported",
+        ),
+        (
+            vec![
+                "--database".into(),
+                db.url.clone(),
+                "--broker".into(),
+                amqp_url().replacen("guest:guest@", "guest:sentinel-pw@", 1),
+            ],
+            "refused the login",
         ),
         (
             vec![

@@ -181,6 +181,12 @@ impl Relay {
             return Ok(report);
         }
         let lease = claim.lease;
+        debug!(
+            token = lease.token,
+            rows = claim.rows.len(),
+            parked = claim.parked,
+            "claimed"
+        );
         self.hit(Failpoint::AfterClaim);
 
         // Messages no broker attempt can carry (over the size limit, against CloudEvents rules

@@ -51,7 +51,7 @@ pub fn check_limits(m: &Message) -> Result<()> {
     let size = record_bytes(m);
     if size > MAX_RECORD_BYTES {
         return Err(Error::unpublishable(format!(
-            "the record takes {size} bytes, over the Kafka producer's message.max.bytes of {MAX_RECORD_BYTES}"
+            "the record takes {size} bytes, over the Kafka producer's size limit (message.max.bytes) of {MAX_RECORD_BYTES} bytes"
         )));
     }
     Ok(())

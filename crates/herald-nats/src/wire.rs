@@ -67,7 +67,7 @@ pub fn check_limits(m: &Message, max_payload: usize) -> Result<()> {
     let total = headers + m.payload.len();
     if max_payload > 0 && total > max_payload {
         return Err(Error::unpublishable(format!(
-            "headers and payload take {total} bytes, over the NATS server's max_payload of {max_payload} bytes"
+            "headers and payload take {total} bytes, over the NATS server's size limit (max_payload) of {max_payload} bytes"
         )));
     }
     Ok(())
@@ -194,7 +194,7 @@ mod tests {
             (ok.clone().with_header("big", "v".repeat(70_000)), "65535"),
             (
                 Message::event("orders", "T", vec![0; 2000]),
-                "max_payload of 1000",
+                "max_payload) of 1000",
             ),
         ] {
             let err = check_limits(&m, 1000).unwrap_err();

@@ -85,7 +85,7 @@ pub fn check_frame(m: &Message, frame_max: u32) -> Result<()> {
     let size = header_frame_size(m);
     if frame_max != 0 && size > frame_max as usize {
         return Err(Error::unpublishable(format!(
-            "the message's headers and properties take {size} bytes, over the connection's AMQP frame_max of {frame_max} bytes (RabbitMQ cannot split them across frames)"
+            "the message's headers and properties take {size} bytes, over the connection's AMQP frame size limit (frame_max) of {frame_max} bytes (RabbitMQ cannot split them across frames)"
         )));
     }
     Ok(())
@@ -167,7 +167,7 @@ mod tests {
         }
         let big = ok.clone().with_header("big", "v".repeat(200_000));
         let err = check_frame(&big, 131_072).unwrap_err().to_string();
-        assert!(err.contains("frame_max of 131072"), "{err}");
+        assert!(err.contains("frame_max) of 131072"), "{err}");
         assert!(check_frame(&ok, 131_072).is_ok());
     }
 
