@@ -11,7 +11,7 @@ use herald_core::{
     Subscription, Transport, Undecodable,
 };
 use tokio::sync::Mutex;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::wire;
 
@@ -23,6 +23,31 @@ pub struct NatsTransport {
     streams: Mutex<HashSet<String>>,
     ack_wait: Duration,
     max_deliver: i64,
+}
+
+/// Decodes `%xx` escapes of a URL's user or password (the url crate keeps them encoded).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn nats_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -38,19 +63,59 @@ impl NatsTransport {
                 url.scheme()
             )));
         }
-        let client = tokio::time::timeout(
-            Duration::from_secs(10),
-            async_nats::ConnectOptions::new()
-                .name("herald")
-                .retry_on_initial_connect()
-                .connect(url.expose()),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            what: format!("connecting to NATS at {}", url.redacted()),
-            after: Duration::from_secs(10),
-        })?
-        .map_err(|e| nats_err(&url.redacted(), e))?;
+        // async-nats ignores credentials in the server URL: pass them as options (`user:pass@`
+        // or a token as `token@`), and connect to the URL without them.
+        let mut plain = url.url().clone();
+        let user = percent_decode(plain.username());
+        let pass = plain.password().map(percent_decode);
+        let _ = plain.set_username("");
+        let _ = plain.set_password(None);
+        let options = || {
+            let o = async_nats::ConnectOptions::new().name("herald");
+            match (user.as_str(), &pass) {
+                ("", _) => o,
+                (token, None) => o.token(token.to_owned()),
+                (user, Some(pass)) => o.user_and_password(user.to_owned(), pass.clone()),
+            }
+        };
+        // One plain attempt first, so a refused login is reported at once (fatal) instead of
+        // being retried in the background forever; a server that is not up yet is retried.
+        let first =
+            tokio::time::timeout(Duration::from_secs(10), options().connect(plain.as_str())).await;
+        let client = match first {
+            Ok(Ok(client)) => client,
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    async_nats::ConnectErrorKind::AuthorizationViolation
+                        | async_nats::ConnectErrorKind::Authentication
+                ) =>
+            {
+                return Err(Error::config(format!(
+                    "NATS at {} refused the login ({e}): check the user and password or token in the broker URL",
+                    url.redacted()
+                )));
+            }
+            Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::Tls => {
+                return Err(Error::config(format!(
+                    "NATS at {}: TLS setup failed ({e})",
+                    url.redacted()
+                )));
+            }
+            _ => {
+                warn!(broker = %url, "NATS not reachable yet; connecting in the background");
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    options().retry_on_initial_connect().connect(plain.as_str()),
+                )
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: format!("connecting to NATS at {}", url.redacted()),
+                    after: Duration::from_secs(10),
+                })?
+                .map_err(|e| nats_err(&url.redacted(), e))?
+            }
+        };
         info!(broker = %url, "connected to NATS");
         Ok(NatsTransport {
             url,

@@ -106,3 +106,82 @@ async fn wildcard_destinations_are_refused() {
         .unwrap_err();
     assert!(err.to_string().contains("not usable on NATS"), "{err}");
 }
+
+/// A NATS server of this test's own, with a user and password, on a free port; stopped on drop.
+struct PrivateServer {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateServer {
+    fn start(user: &str, pass: &str) -> PrivateServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("herald-nats-auth"));
+        let bin = ["nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|b| {
+                std::process::Command::new(b)
+                    .arg("--version")
+                    .output()
+                    .is_ok()
+            })
+            .expect("nats-server must be installed (see .ci/run)");
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .args(["--user", user, "--pass", pass])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateServer { child, port, dir }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Credentials in the URL are used (async-nats itself ignores them there), percent-escapes
+/// included; a wrong password is a configuration error at once, not a background retry loop that
+/// looks connected; the password is never in the error.
+#[tokio::test]
+async fn credentials_in_the_url_are_used_and_a_refused_login_is_fatal() {
+    let server = PrivateServer::start("herald", "p@ss:w0rd");
+    let good = format!("nats://herald:p%40ss%3Aw0rd@127.0.0.1:{}", server.port);
+    let nats = NatsTransport::connect(SecretUrl::parse("broker", &good).unwrap())
+        .await
+        .unwrap();
+    let topic = unique("auth");
+    let m = Message::event(&topic, "T", b"x".to_vec());
+    let r = nats.publish(std::slice::from_ref(&m)).await;
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+
+    let bad = format!("nats://herald:wrong-s3cret@127.0.0.1:{}", server.port);
+    let err = match NatsTransport::connect(SecretUrl::parse("broker", &bad).unwrap()).await {
+        Ok(_) => panic!("a wrong password connected"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(err, herald_core::Error::Config(_)),
+        "{}",
+        err.chain()
+    );
+    assert!(err.chain().contains("refused the login"), "{}", err.chain());
+    assert!(!err.chain().contains("wrong-s3cret"), "{}", err.chain());
+}

@@ -46,16 +46,34 @@ async fn manager(
         what: format!("connecting to Redis at {}", url.redacted()),
         after: Duration::from_secs(15),
     })?
-    .map_err(|e| redis_err(&url.redacted(), e))
+    .map_err(|e| {
+        // A refused password or user is fatal, not an outage to retry forever.
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        {
+            Error::config(format!(
+                "Redis at {} refused the login ({e}): check the user and password in the broker URL",
+                url.redacted()
+            ))
+        } else {
+            redis_err(&url.redacted(), e)
+        }
+    })
 }
 
 impl RedisTransport {
-    /// Connects to `url` (`redis://host:6379/0` or `rediss://` for TLS; credentials in the URL
-    /// if any).
+    /// Connects to `url` (`redis://host:6379/0`, credentials in the URL if any). `rediss://`
+    /// (TLS) is refused: this build has no TLS for Redis. A refused login is
+    /// [`Error::Config`].
     pub async fn connect(url: SecretUrl) -> Result<RedisTransport> {
-        if !matches!(url.scheme(), "redis" | "rediss") {
+        if url.scheme() == "rediss" {
+            return Err(Error::config(
+                "rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a TLS tunnel",
+            ));
+        }
+        if url.scheme() != "redis" {
             return Err(Error::config(format!(
-                "broker URL scheme {:?} is not redis:// or rediss://",
+                "broker URL scheme {:?} is not redis://",
                 url.scheme()
             )));
         }
