@@ -5,6 +5,7 @@ pub mod consumer_suite;
 mod flaky;
 mod history;
 pub mod inbox_suite;
+mod memory_store;
 pub mod poison;
 mod proxy;
 pub mod suite;
@@ -13,6 +14,7 @@ pub mod verify;
 
 pub use flaky::FlakyTransport;
 pub use history::{History, Outcome, Verdict};
+pub use memory_store::MemoryStore;
 pub use proxy::{ChaosProxy, Direction, Link};
 
 /// A random lowercase suffix for names of per-test schemas, queues and exchanges.

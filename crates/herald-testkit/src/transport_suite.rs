@@ -384,6 +384,86 @@ pub async fn command_before_owner_matches_the_flag(h: &dyn ConsumerHarness) {
     assert_eq!(take_acked(&mut s, 1).await[0].id, c.id);
 }
 
+/// The relay over this transport: a command refused because its owner is not there yet is not
+/// overtaken by the later messages of its key (they are not even sent), other keys flow, and
+/// once the owner subscribes the command and then the rest of its key arrive, in order.
+pub async fn refused_command_is_not_overtaken_by_its_key(h: &dyn ConsumerHarness) {
+    use herald_core::{Relay, RelayConfig};
+    let caps = h.capabilities();
+    let topic = h.unique("after-command");
+    let queue = h.unique("late-owner");
+    let t = h.transport().await;
+    let mut events = t
+        .subscribe(&Subscription::events(&topic, "svc"))
+        .await
+        .unwrap();
+    let store = Arc::new(crate::MemoryStore::new());
+    let ev = |ty: &str, n: u8, key: &str| Message::event(&topic, ty, vec![n]).with_key(key);
+    store.enqueue(ev("Before", 0, "order-1"));
+    store.enqueue(Message::command(&queue, "Charge", vec![1]).with_key("order-1"));
+    store.enqueue(ev("After", 2, "order-1"));
+    store.enqueue(ev("After", 3, "order-1"));
+    store.enqueue(ev("Other", 4, "order-2"));
+    let config = RelayConfig {
+        relay_id: "suite".to_owned(),
+        workers: 1,
+        max_attempts: 1000,
+        retry_window: Duration::ZERO,
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        retry_delay_max: Duration::from_millis(50),
+        ..RelayConfig::default()
+    };
+    let relay = Relay::new(store.clone(), t.clone(), config).unwrap();
+    let payloads = |ms: Vec<Message>| ms.into_iter().map(|m| m.payload[0]).collect::<Vec<u8>>();
+    let drain = |relay: Relay, store: Arc<crate::MemoryStore>| async move {
+        for _ in 0..500 {
+            relay
+                .tick()
+                .await
+                .expect("a tick never fails on a refused message");
+            if store.pending() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{} rows still pending", store.pending());
+    };
+    if caps.commands_need_owner {
+        for _ in 0..10 {
+            relay.tick().await.expect("tick");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut first = payloads(take_acked(&mut events, 2).await);
+        first.sort_unstable();
+        assert_eq!(first, [0, 4], "the key's head and the other key went out");
+        assert!(
+            maybe_next(&mut events, Duration::from_secs(1))
+                .await
+                .is_none(),
+            "a message sent after a command its broker refused"
+        );
+        assert_eq!(store.pending(), 3, "the command and the two after it wait");
+        let mut owner = t
+            .subscribe(&Subscription::commands(&queue, "billing"))
+            .await
+            .unwrap();
+        drain(relay, store).await;
+        assert_eq!(payloads(take_acked(&mut owner, 1).await), [1]);
+        assert_eq!(payloads(take_acked(&mut events, 2).await), [2, 3]);
+    } else {
+        let mut owner = t
+            .subscribe(&Subscription::commands(&queue, "billing"))
+            .await
+            .unwrap();
+        drain(relay, store).await;
+        let got = payloads(take_acked(&mut events, 4).await);
+        let key1: Vec<u8> = got.iter().copied().filter(|p| *p != 4).collect();
+        assert_eq!(key1, [0, 2, 3], "{got:?}");
+        assert_eq!(payloads(take_acked(&mut owner, 1).await), [1]);
+    }
+}
+
 /// Checks that `docs/BACKENDS.md` shows `caps` in the row of `backend`, so the published matrix
 /// is what the suite verified. Columns: ordered per key, competing consumers, broker dedup,
 /// replay, flags redeliveries, commands need owner, rebalance redelivers.
@@ -434,6 +514,7 @@ macro_rules! transport_suite {
             $crate::transport_suite!(@one $make, oversized_payload_is_rejected_alone);
             $crate::transport_suite!(@one $make, undecodable_is_surfaced_with_a_reason);
             $crate::transport_suite!(@one $make, command_before_owner_matches_the_flag);
+            $crate::transport_suite!(@one $make, refused_command_is_not_overtaken_by_its_key);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn poison_messages_are_refused_alone() {
