@@ -349,3 +349,39 @@ async fn wrong_credentials_are_a_configuration_error() {
     assert!(text.contains("refused the login"), "{text}");
     assert!(!text.contains("not-the-s3cret"), "{text}");
 }
+
+/// Headers up to the connection's frame size go out; one byte more is refused for that message
+/// alone with the limit named, before lapin sends a frame RabbitMQ would answer with FRAME_ERROR
+/// (closing the connection and failing the whole batch); its neighbours are confirmed and the
+/// connection stays usable.
+#[tokio::test]
+async fn headers_up_to_the_frame_size_go_out_and_larger_are_refused_alone() {
+    let queue = unique("frame-limit");
+    let rabbit = transport();
+    let mut owner = rabbit
+        .subscribe(&Subscription::commands(&queue, "svc"))
+        .await
+        .unwrap();
+    let frame_max = 131_072;
+    let sized = |extra: usize| {
+        let base = Message::command(&queue, "Big", b"x".to_vec()).with_header("pad", "");
+        let len = frame_max - herald_rabbitmq::wire::header_frame_size(&base) + extra;
+        Message::command(&queue, "Big", b"x".to_vec()).with_header("pad", "p".repeat(len))
+    };
+    let fits = sized(0);
+    let over = sized(1);
+    assert_eq!(herald_rabbitmq::wire::header_frame_size(&fits), frame_max);
+    let small = Message::command(&queue, "Small", b"s".to_vec());
+    let results = rabbit.publish(&[fits.clone(), over, small.clone()]).await;
+    assert!(results[0].is_ok(), "exactly frame_max: {:?}", results[0]);
+    let err = results[1].as_ref().unwrap_err();
+    assert!(matches!(err, Error::Unpublishable { .. }), "{err}");
+    assert!(err.to_string().contains("frame_max) of 131072"), "{err}");
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    let got: Vec<_> = [next(&mut owner).await, next(&mut owner).await]
+        .into_iter()
+        .map(|d| d.message.id)
+        .collect();
+    assert_eq!(got, [fits.id, small.id]);
+    delete_queues(&[queue]).await;
+}
