@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use herald_core::{Error, Identifier, Message, OutboxStore, Result};
 use herald_mysql::{MySqlOutbox, MySqlOutboxWriter, migrate};
 use herald_testkit::suite::{OpenTransaction, StoreHarness};
+use sqlx::AssertSqlSafe;
 use sqlx::{MySqlPool, Row};
 
 struct MySql {
@@ -96,21 +97,11 @@ impl StoreHarness for MySql {
     }
 
     async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
-             VALUES (COALESCE(?, UUID()), ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(r.message_id.as_deref())
-        .bind(&r.kind)
-        .bind(&r.message_type)
-        .bind(&r.destination)
-        .bind(r.ordering_key.as_deref())
-        .bind(&r.headers)
-        .bind(&r.content_type)
-        .bind(&r.payload)
-        .execute(&self.pool)
-        .await
-        .map_err(e)?;
+        let sql = herald_testkit::poison::insert_sql(|_| "?".to_owned(), "UUID()");
+        herald_testkit::bind_raw_insert!(sqlx::query(AssertSqlSafe(sql)), r)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
         Ok(())
     }
 

@@ -110,21 +110,18 @@ impl StoreHarness for Postgres {
     }
 
     async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
-             VALUES (COALESCE($1::uuid, gen_random_uuid()), $2, $3, $4, $5, $6::jsonb, $7, $8)",
-        )
-        .bind(r.message_id.as_deref())
-        .bind(&r.kind)
-        .bind(&r.message_type)
-        .bind(&r.destination)
-        .bind(r.ordering_key.as_deref())
-        .bind(&r.headers)
-        .bind(&r.content_type)
-        .bind(&r.payload)
-        .execute(&self.pool)
-        .await
-        .map_err(e)?;
+        let sql = herald_testkit::poison::insert_sql(
+            |n| match n {
+                1 => "$1::uuid".to_owned(),
+                6 => "$6::jsonb".to_owned(),
+                n => format!("${n}"),
+            },
+            "gen_random_uuid()",
+        );
+        herald_testkit::bind_raw_insert!(sqlx::query(AssertSqlSafe(sql)), r)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
         Ok(())
     }
 

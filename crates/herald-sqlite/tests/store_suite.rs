@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use herald_core::{Identifier, Message, OutboxStore, Result};
 use herald_sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
 use herald_testkit::suite::{OpenTransaction, StoreHarness};
+use sqlx::AssertSqlSafe;
 use sqlx::{Row, SqlitePool};
 
 struct Sqlite {
@@ -109,21 +110,12 @@ impl StoreHarness for Sqlite {
     }
 
     async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
-             VALUES (COALESCE(?1, lower(hex(randomblob(16)))), ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .bind(r.message_id.as_deref())
-        .bind(&r.kind)
-        .bind(&r.message_type)
-        .bind(&r.destination)
-        .bind(r.ordering_key.as_deref())
-        .bind(&r.headers)
-        .bind(&r.content_type)
-        .bind(&r.payload)
-        .execute(&self.pool)
-        .await
-        .map_err(e)?;
+        let sql =
+            herald_testkit::poison::insert_sql(|n| format!("?{n}"), "lower(hex(randomblob(16)))");
+        herald_testkit::bind_raw_insert!(sqlx::query(AssertSqlSafe(sql)), r)
+            .execute(&self.pool)
+            .await
+            .map_err(e)?;
         Ok(())
     }
 

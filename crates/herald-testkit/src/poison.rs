@@ -46,6 +46,35 @@ pub struct RawInsert {
     pub payload: Vec<u8>,
 }
 
+/// The `INSERT` of a [`RawInsert`] for a database: `placeholder(n)` spells the n-th bind
+/// parameter, `default_id` is the `message_id` to use when the row sets none. Bind the values
+/// with [`crate::bind_raw_insert!`], in the same order.
+pub fn insert_sql(placeholder: impl Fn(usize) -> String, default_id: &str) -> String {
+    let p: Vec<String> = (1..=8).map(placeholder).collect();
+    format!(
+        "INSERT INTO herald_outbox (message_id, kind, message_type, destination, ordering_key, headers, content_type, payload) \
+         VALUES (COALESCE({}, {default_id}), {}, {}, {}, {}, {}, {}, {})",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    )
+}
+
+/// Binds the columns of a [`RawInsert`] to a query built from [`insert_sql`], for any sqlx
+/// database.
+#[macro_export]
+macro_rules! bind_raw_insert {
+    ($query:expr, $row:expr) => {
+        $query
+            .bind($row.message_id.as_deref())
+            .bind(&$row.kind)
+            .bind(&$row.message_type)
+            .bind(&$row.destination)
+            .bind($row.ordering_key.as_deref())
+            .bind(&$row.headers)
+            .bind(&$row.content_type)
+            .bind(&$row.payload)
+    };
+}
+
 impl RawInsert {
     fn event(destination: &str, key: Option<&str>, payload: &[u8]) -> RawInsert {
         RawInsert {
