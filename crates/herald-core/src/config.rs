@@ -292,18 +292,31 @@ impl RelayConfig {
     }
 
     /// How many rejections a message must have had before it is dead-lettered: at least
-    /// `max_attempts`, and enough for the retry delays to cover `retry_window`.
+    /// `max_attempts`, and enough that the delays between them (after the 1st, 2nd, ...
+    /// rejection, before the last) add up to `retry_window`. The delays double until
+    /// `retry_delay_max`, then stay there, so this takes a few dozen steps whatever the window.
     pub fn attempts_before_dead_letter(&self) -> u32 {
-        let mut attempts = 0u32;
+        if self.retry_window.is_zero() {
+            return self.max_attempts;
+        }
+        // Rejections n = 1, 2, ...: before the n-th, n - 1 delays have passed.
         let mut waited = Duration::ZERO;
-        while attempts < self.max_attempts || waited < self.retry_window {
-            waited += self.retry_delay(attempts);
-            attempts += 1;
-            if attempts == u32::MAX {
+        let mut n: u32 = 1;
+        while waited < self.retry_window {
+            let delay = self.retry_delay(n - 1);
+            if delay >= self.retry_delay_max {
+                // From here on every delay is the cap: finish in one step.
+                let left = self.retry_window - waited;
+                let more = left
+                    .as_nanos()
+                    .div_ceil(self.retry_delay_max.as_nanos().max(1));
+                n = n.saturating_add(u32::try_from(more).unwrap_or(u32::MAX));
                 break;
             }
+            waited += delay;
+            n += 1;
         }
-        attempts
+        n.max(self.max_attempts)
     }
 }
 
@@ -371,8 +384,20 @@ mod tests {
     #[test]
     fn the_retry_window_sets_the_attempts() {
         let cfg = RelayConfig::default();
-        // 0.1 + 0.2 + ... + 25.6 s (9 delays, 51.1 s), then 30 s each: 300 s after 18.
-        assert_eq!(cfg.attempts_before_dead_letter(), 18);
+        // Delays after the 1st..9th rejections: 0.1 + 0.2 + ... + 25.6 s = 51.1 s; then 30 s
+        // each: 9 more make 321.1 s >= 300 s, so the 19th rejection (18 delays) dead-letters.
+        assert_eq!(cfg.attempts_before_dead_letter(), 19);
+        let waited: Duration = (0..18).map(|i| cfg.retry_delay(i)).sum();
+        assert!(waited >= cfg.retry_window);
+        let one_less: Duration = (0..17).map(|i| cfg.retry_delay(i)).sum();
+        assert!(one_less < cfg.retry_window);
+        // A month of 100 ms retries is computed at once, not in 26 million steps.
+        let long = RelayConfig {
+            retry_window: Duration::from_secs(30 * 24 * 3600),
+            retry_delay_max: Duration::from_millis(100),
+            ..RelayConfig::default()
+        };
+        assert_eq!(long.attempts_before_dead_letter(), 25_920_001);
         let none = RelayConfig {
             retry_window: Duration::ZERO,
             max_attempts: 1,

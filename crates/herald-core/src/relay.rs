@@ -104,6 +104,8 @@ struct Inner {
     waker: Waker,
     counters: RelayCounters,
     failpoint: Option<FailpointHook>,
+    /// `config.attempts_before_dead_letter()`, computed once.
+    dead_letter_after: u32,
 }
 
 impl Relay {
@@ -124,6 +126,7 @@ impl Relay {
         failpoint: Option<FailpointHook>,
     ) -> Result<Relay> {
         config.validate()?;
+        let dead_letter_after = config.attempts_before_dead_letter();
         Ok(Relay {
             inner: Arc::new(Inner {
                 store,
@@ -132,6 +135,7 @@ impl Relay {
                 waker: Waker::default(),
                 counters: RelayCounters::default(),
                 failpoint,
+                dead_letter_after,
             }),
         })
     }
@@ -197,12 +201,10 @@ impl Relay {
             match self.unpublishable(&row.message) {
                 None => rows.push(row),
                 Some(reason) => {
-                    let outcome = self.reject(&lease, &row, &reason, 1, &mut report).await?;
-                    if outcome == RejectionOutcome::LeaseLost {
-                        // The whole lease is gone (one token covers the batch): publish nothing.
-                        let lost = rows.len() + 1;
-                        return Ok(self.lease_lost(report, lease.token, lost));
-                    }
+                    // A lost lease here means this row vanished (deleted by hand): the lease
+                    // itself cannot have passed to another relay while it is still usable,
+                    // which is checked before anything is published.
+                    self.reject(&lease, &row, &reason, 1, &mut report).await?;
                 }
             }
         }
@@ -227,48 +229,55 @@ impl Relay {
         // Walk the batch in order. A key is blocked from its first row that is not confirmed
         // on: later rows of it are released even if the broker confirmed them, so they are
         // published again after their head (a duplicate), never counted as published before it.
-        let dead_letter_after = cfg.attempts_before_dead_letter();
+        let dead_letter_after = self.inner.dead_letter_after;
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut confirmed = Vec::with_capacity(rows.len());
         let mut unknown = Vec::new();
+        // A database error while recording a rejection is kept until the confirmed rows are
+        // marked and the rest released: failing at once would leave them all leased.
+        let mut failure: Option<Error> = None;
         for (row, result) in rows.iter().zip(results) {
             let key = row.message.ordering_key.as_deref();
             if key.is_some_and(|k| blocked.contains(k)) {
                 unknown.push(row.seq);
                 continue;
             }
-            let Some(result) = result else {
-                // Held back behind an earlier command of its key that was not confirmed.
-                unknown.push(row.seq);
-                if let Some(k) = key {
-                    blocked.insert(k);
-                }
-                continue;
-            };
             let keeps_key = match result {
-                Ok(()) => {
+                Some(Ok(())) => {
                     confirmed.push(row.seq);
                     true
                 }
-                Err(e) if e.is_transient() => {
-                    if report.broker_error.is_none() {
+                // Held back behind an earlier message of its key that was not confirmed.
+                None => {
+                    unknown.push(row.seq);
+                    false
+                }
+                Some(Err(e)) if e.is_transient() || failure.is_some() => {
+                    if e.is_transient() && report.broker_error.is_none() {
                         report.broker_error = Some(e.chain());
                     }
                     unknown.push(row.seq);
                     false
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     let attempts = match e {
                         Error::Unpublishable { .. } => 1,
                         _ => dead_letter_after,
                     };
                     let reason = e.chain();
-                    let outcome = self
+                    match self
                         .reject(&lease, row, &reason, attempts, &mut report)
-                        .await?;
-                    // A dead letter leaves the key's order; a row waiting for its retry is
-                    // still the key's head.
-                    outcome == RejectionOutcome::DeadLettered
+                        .await
+                    {
+                        // A dead letter leaves the key's order; a row waiting for its retry
+                        // is still the key's head.
+                        Ok(outcome) => outcome == RejectionOutcome::DeadLettered,
+                        Err(db) => {
+                            failure = Some(db);
+                            unknown.push(row.seq);
+                            false
+                        }
+                    }
                 }
             };
             if !keeps_key && let Some(k) = key {
@@ -290,14 +299,21 @@ impl Relay {
             }
         }
         if !unknown.is_empty() {
-            report.released += store.release(&lease, &unknown).await? as usize;
-            self.count(&self.inner.counters.released, unknown.len());
+            let released = store.release(&lease, &unknown).await? as usize;
+            report.released += released;
+            self.count(&self.inner.counters.released, released);
+            if released < unknown.len() {
+                report = self.lease_lost(report, lease.token, unknown.len() - released);
+            }
             if report.broker_error.is_some() {
                 self.count(&self.inner.counters.broker_errors, 1);
             }
         }
         self.count(&self.inner.counters.published, report.published);
-        Ok(report)
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
     }
 
     /// Publishes `rows` and returns one outcome per row, `None` for a row held back unsent.
@@ -307,30 +323,42 @@ impl Relay {
     /// sent, they would reach consumers before it: the order broken on the wire, however the
     /// rows are counted afterwards. So the batch goes out in waves: a key's messages after a
     /// command wait for the next wave, and are held back (released, published next tick) if
-    /// that command was not confirmed. A batch of events is one wave. Every wave shares the
-    /// publish timeout, and none starts once the lease is no longer safe to publish under.
+    /// that command was not confirmed. A batch of events with distinct ids is one wave. Each
+    /// wave may take the publish timeout; none starts once the lease is no longer safe to
+    /// publish under.
     async fn publish_in_waves(
         &self,
         rows: &[crate::store::OutboxRow],
         lease: &crate::store::Lease,
     ) -> Vec<Option<Result<()>>> {
         let cfg = &self.inner.config;
-        let mut next_wave: HashMap<&str, usize> = HashMap::new();
+        // A message's wave: no earlier than its key's (a key's messages keep their order),
+        // after any command of its key before it, and after any message of the batch with the
+        // same id (a producer may reuse one; a broker's confirmation or return names the id, so
+        // two in flight at once could not be told apart).
+        let mut key_wave: HashMap<&str, usize> = HashMap::new();
+        let mut id_wave: HashMap<uuid::Uuid, usize> = HashMap::new();
         let waves: Vec<usize> = rows
             .iter()
-            .map(|r| match r.message.ordering_key.as_deref() {
-                None => 0,
-                Some(k) => {
-                    let w = next_wave.get(k).copied().unwrap_or(0);
-                    if r.message.kind == crate::message::Kind::Command {
-                        next_wave.insert(k, w + 1);
-                    }
-                    w
+            .map(|r| {
+                let key = r.message.ordering_key.as_deref();
+                let w = key
+                    .and_then(|k| key_wave.get(k).copied())
+                    .unwrap_or(0)
+                    .max(id_wave.get(&r.message.id).copied().unwrap_or(0));
+                id_wave.insert(r.message.id, w + 1);
+                if let Some(k) = key {
+                    let next = if r.message.kind == crate::message::Kind::Command {
+                        w + 1
+                    } else {
+                        w
+                    };
+                    key_wave.insert(k, next);
                 }
+                w
             })
             .collect();
         let last_wave = waves.iter().copied().max().unwrap_or(0);
-        let deadline = tokio::time::Instant::now() + cfg.publish_timeout;
         let mut results: Vec<Option<Result<()>>> = (0..rows.len()).map(|_| None).collect();
         let mut failed: HashSet<&str> = HashSet::new();
         for wave in 0..=last_wave {
@@ -351,32 +379,36 @@ impl Relay {
                 continue;
             }
             let messages: Vec<Message> = send.iter().map(|i| rows[*i].message.clone()).collect();
-            let sent =
-                match tokio::time::timeout_at(deadline, self.inner.transport.publish(&messages))
-                    .await
-                {
-                    Ok(r) if r.len() == messages.len() => r,
-                    Ok(r) => {
-                        // A transport broke its contract (one result per message). Counting
-                        // anything as confirmed could lose a message: every outcome is unknown.
-                        error!(
-                            transport = %self.inner.transport.describe(),
-                            sent = messages.len(),
-                            results = r.len(),
-                            "transport returned the wrong number of results; releasing the batch"
-                        );
-                        crate::transport::fail_all(messages.len(), || {
-                            Error::unavailable(
-                                "transport",
-                                "returned the wrong number of results (a bug in the transport)",
-                            )
-                        })
-                    }
-                    Err(_) => crate::transport::fail_all(messages.len(), || Error::Timeout {
-                        what: "broker confirmation".to_owned(),
-                        after: cfg.publish_timeout,
-                    }),
-                };
+            // Each wave has the whole publish timeout: none starts once the lease is past half,
+            // so the last one still ends within the lease.
+            let sent = match tokio::time::timeout(
+                cfg.publish_timeout,
+                self.inner.transport.publish(&messages),
+            )
+            .await
+            {
+                Ok(r) if r.len() == messages.len() => r,
+                Ok(r) => {
+                    // A transport broke its contract (one result per message). Counting
+                    // anything as confirmed could lose a message: every outcome is unknown.
+                    error!(
+                        transport = %self.inner.transport.describe(),
+                        sent = messages.len(),
+                        results = r.len(),
+                        "transport returned the wrong number of results; releasing the batch"
+                    );
+                    crate::transport::fail_all(messages.len(), || {
+                        Error::unavailable(
+                            "transport",
+                            "returned the wrong number of results (a bug in the transport)",
+                        )
+                    })
+                }
+                Err(_) => crate::transport::fail_all(messages.len(), || Error::Timeout {
+                    what: "broker confirmation".to_owned(),
+                    after: cfg.publish_timeout,
+                }),
+            };
             for (i, r) in send.into_iter().zip(sent) {
                 if r.is_err()
                     && let Some(k) = rows[i].message.ordering_key.as_deref()

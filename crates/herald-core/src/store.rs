@@ -179,9 +179,7 @@ impl RawRow {
         if self.destination.is_empty() {
             return Err("destination is empty".to_owned());
         }
-        let headers: std::collections::BTreeMap<String, String> =
-            serde_json::from_str(&self.headers)
-                .map_err(|e| format!("headers are not a JSON object of strings: {e}"))?;
+        let headers = decode_headers(&self.headers)?;
         Ok(OutboxRow {
             seq: self.seq,
             attempts: self.attempts.max(0) as u32,
@@ -199,6 +197,45 @@ impl RawRow {
             },
         })
     }
+}
+
+/// Reads the `headers` column: a JSON object whose values are strings. The error names what is
+/// wrong (the JSON type found, where the syntax breaks) but never quotes a value: it goes into
+/// logs and the dead-letter reason, and header values may be secrets.
+fn decode_headers(
+    text: &str,
+) -> std::result::Result<std::collections::BTreeMap<String, String>, String> {
+    let kind = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    };
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "headers are not a JSON object of strings: invalid JSON at line {} column {}",
+            e.line(),
+            e.column()
+        )
+    })?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(format!(
+            "headers are not a JSON object of strings: found {}",
+            kind(&value)
+        ));
+    };
+    map.into_iter()
+        .map(|(name, v)| match v {
+            serde_json::Value::String(s) => Ok((name, s)),
+            other => Err(format!(
+                "headers are not a JSON object of strings: header {:?} is {}",
+                name.chars().take(40).collect::<String>(),
+                kind(&other)
+            )),
+        })
+        .collect()
 }
 
 /// Columns every outbox table has, in the order backends select them into [`RawRow`].
@@ -240,4 +277,27 @@ pub fn with_dead_letters(
     }
     stats.sort_by(|a, b| a.destination.cmp(&b.destination));
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_headers;
+
+    #[test]
+    fn header_errors_name_the_problem_never_the_value() {
+        assert_eq!(decode_headers(r#"{"a":"x"}"#).unwrap()["a"], "x");
+        for (text, want) in [
+            (r#"{"token":123456789}"#, "header \"token\" is a number"),
+            (r#"["s3cret-value"]"#, "found an array"),
+            (r#"{"a":"s3cret-value""#, "invalid JSON at line 1"),
+            (r#"{"a":{"b":"s3cret-value"}}"#, "header \"a\" is an object"),
+        ] {
+            let err = decode_headers(text).unwrap_err();
+            assert!(err.contains(want), "{err}");
+            assert!(
+                !err.contains("s3cret") && !err.contains("123456789"),
+                "{err}"
+            );
+        }
+    }
 }

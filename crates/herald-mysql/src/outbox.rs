@@ -73,11 +73,16 @@ impl Sql {
             release: format!(
                 "UPDATE `{t}` SET lease_owner = NULL, lease_token = NULL, lease_until = NULL WHERE lease_token = ?"
             ),
+            // A dead letter keeps its outbox id, unless a producer wrote the id column itself
+            // and reused one an earlier dead letter has: then it takes the next free id, so the
+            // move cannot fail (and stop the relay) on that row.
             dead_letter: format!(
                 "INSERT INTO `{dead}` (id, message_id, kind, message_type, source, destination, ordering_key, \
                  headers, content_type, payload, created_at, attempts, reason) \
-                 SELECT id, message_id, kind, message_type, source, destination, ordering_key, headers, \
-                 content_type, payload, created_at, attempts, ? FROM `{t}` WHERE id = ?"
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM `{dead}` d WHERE d.id = o.id) \
+                 THEN (SELECT GREATEST(MAX(d.id), o.id) + 1 FROM `{dead}` d) ELSE o.id END, \
+                 message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 content_type, payload, created_at, attempts, ? FROM `{t}` o WHERE o.id = ?"
             ),
             delete_one: format!("DELETE FROM `{t}` WHERE id = ?"),
             reject: format!(

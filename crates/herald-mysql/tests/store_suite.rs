@@ -105,6 +105,25 @@ impl StoreHarness for MySql {
         Ok(())
     }
 
+    async fn insert_native(
+        &self,
+        case: herald_testkit::poison::NativePoison,
+        destination: &str,
+    ) -> Result<bool> {
+        if case != herald_testkit::poison::NativePoison::ReusedDeadLetterId {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO herald_outbox (id, message_type, destination, headers, payload) \
+             SELECT MAX(id), 'T', ?, '[1]', x'00' FROM herald_outbox_dead_letter",
+        )
+        .bind(destination)
+        .execute(&self.pool)
+        .await
+        .map_err(e)?;
+        Ok(true)
+    }
+
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
         sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', ?, '[1,2]', x'00')")
             .bind(destination)

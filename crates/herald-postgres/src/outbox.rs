@@ -45,10 +45,12 @@ impl Sql {
         // Nothing in the claim may fail for one row: every column is read as text or bytes
         // (casts that cannot fail) and decoded in Rust, row by row. A `created_at` of
         // 'infinity' or in the year 294276 becomes that row's dead-letter reason, not an
-        // error of the whole claim.
+        // error of the whole claim. (`::numeric` and `isfinite` keep it so on PostgreSQL 13,
+        // where extract returns a double that prints as `1e-05` and cannot cast infinity.)
         let cols = "id, message_id::text AS message_id, kind, message_type, source, destination, ordering_key, \
                     headers::text AS headers, content_type, payload, \
-                    extract(epoch FROM created_at)::text AS created_at, attempts";
+                    CASE WHEN isfinite(created_at) THEN extract(epoch FROM created_at)::numeric::text \
+                    ELSE created_at::text END AS created_at, attempts";
         Ok(Sql {
             // Head-of-key claiming (see herald_core::store): free rows in id order whose key has no
             // row under a live lease. The leased keys are read once per claim (a hashed subplan
@@ -80,15 +82,20 @@ impl Sql {
                  lease_owner = NULL, lease_token = NULL, lease_until = now() + $4 * interval '1 microsecond' \
                  WHERE id = $1 AND lease_token = $2 RETURNING attempts"
             ),
+            // A dead letter keeps its outbox id, unless a producer wrote the id column itself
+            // and reused one an earlier dead letter has: then it takes the next free id, so the
+            // move cannot fail (and stop the relay) on that row.
             dead_letter: format!(
                 "WITH moved AS (DELETE FROM \"{t}\" WHERE id = $1 RETURNING *) \
                  INSERT INTO \"{dead}\" (id, message_id, kind, message_type, source, destination, ordering_key, \
                  headers, content_type, payload, created_at, attempts, reason) \
-                 SELECT id, message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM \"{dead}\" d WHERE d.id = moved.id) \
+                 THEN (SELECT GREATEST(MAX(d.id), moved.id) + 1 FROM \"{dead}\" d) ELSE moved.id END, \
+                 message_id, kind, message_type, source, destination, ordering_key, headers, \
                  content_type, payload, created_at, attempts, $2 FROM moved"
             ),
             stats: format!(
-                "SELECT destination, COUNT(*) AS n, extract(epoch FROM MIN(created_at))::text AS oldest \
+                "SELECT destination, COUNT(*) AS n, CASE WHEN isfinite(MIN(created_at)) THEN extract(epoch FROM MIN(created_at))::numeric::text END AS oldest \
                  FROM \"{t}\" GROUP BY destination"
             ),
             dead_stats: format!(

@@ -134,6 +134,15 @@ impl StoreHarness for Postgres {
         let created_at = match case {
             N::InfiniteTime => "infinity",
             N::FarFutureTime => "294276-01-01",
+            N::ReusedDeadLetterId => {
+                sqlx::query("INSERT INTO herald_outbox (id, message_type, destination, headers, payload) \
+                             SELECT MAX(id), 'T', $1, '[1]', '\\x00' FROM herald_outbox_dead_letter")
+                    .bind(destination)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(e)?;
+                return Ok(true);
+            }
             _ => return Ok(false),
         };
         sqlx::query("INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', $1, '\\x00', $2::timestamptz)")

@@ -133,28 +133,12 @@ impl RabbitTransport {
                 pending.push(Err(e));
                 continue;
             }
-            if m.kind == Kind::Event && !link.declared.contains(&m.destination) {
-                let declared = link
-                    .channel
-                    .exchange_declare(
-                        m.destination.as_str().into(),
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                match declared {
-                    Ok(()) => {
-                        link.declared.insert(m.destination.clone());
-                    }
-                    Err(e) => {
-                        pending.push(Err(classify(link, "declaring the topic exchange", e)));
-                        continue;
-                    }
-                }
+            if m.kind == Kind::Event
+                && !link.declared.contains(&m.destination)
+                && let Err(e) = declare_exchange(link, &m.destination).await
+            {
+                pending.push(Err(e));
+                continue;
             }
             let sent = link
                 .channel
@@ -226,6 +210,39 @@ impl RabbitTransport {
     }
 }
 
+/// Declares the durable topic exchange `name` on a channel of its own: RabbitMQ answers a refused
+/// declaration (no permission, an exchange of that name with another type) by closing the
+/// channel, which must not be the publishing one, where it would fail the rest of the batch.
+async fn declare_exchange(link: &mut Link, name: &str) -> Result<()> {
+    let channel = link
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| lapin_err("opening a channel", e))?;
+    let declared = channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(()) => {
+            link.declared.insert(name.to_owned());
+            let _ = channel.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(e) if link.connection.status().connected() => Err(Error::rejected(format!(
+            "RabbitMQ refused to declare the topic exchange {name:?}: {e}"
+        ))),
+        Err(e) => Err(lapin_err("declaring the topic exchange", e)),
+    }
+}
+
 /// The `basic.return`s of one batch, by the `message_id` they carry.
 struct Returns {
     /// How many returns name each id, and RabbitMQ's reply (`312 NO_ROUTE`).
@@ -285,6 +302,14 @@ impl Returns {
                 continue;
             }
             if m.kind != Kind::Command {
+                continue;
+            }
+            if !stray.is_empty() {
+                // A return that names no command may belong to any of them.
+                *result = Err(Error::unavailable(
+                    "RabbitMQ",
+                    "a returned message of the batch could not be matched to its command",
+                ));
                 continue;
             }
             let id = m.id.to_string();
@@ -360,26 +385,35 @@ impl Transport for RabbitTransport {
 
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
         let mut state = self.state.lock().await;
-        let results = match self.link(&mut state).await {
-            Ok(link) => self.publish_on(link, batch).await,
-            Err(e) => {
-                let reason = e.chain();
-                return herald_core::transport::fail_all(batch.len(), || {
-                    Error::unavailable("RabbitMQ", reason.clone())
-                });
-            }
+        if let Err(e) = self.link(&mut state).await {
+            let reason = e.chain();
+            return herald_core::transport::fail_all(batch.len(), || {
+                Error::unavailable("RabbitMQ", reason.clone())
+            });
+        }
+        // The link is taken out for the publish and put back only if it finishes cleanly. If
+        // this future is dropped half-way (the relay's publish timeout), the link goes with it:
+        // its channel still has confirms pending, and lapin would hand their returns to the
+        // next batch's confirms on that channel, where a command could look routed.
+        let Some(mut link) = state.take() else {
+            return herald_core::transport::fail_all(batch.len(), || {
+                Error::unavailable("RabbitMQ", "no connection")
+            });
         };
-        // Any transient failure may have left the channel unusable, and a refused declaration
-        // closes the channel: start afresh next time.
+        let results = self.publish_on(&mut link, batch).await;
+        // Any transient failure may have left the channel unusable: start afresh next time.
         let failed = results
             .iter()
             .any(|r| r.as_ref().is_err_and(Error::is_transient));
-        let closed = state
-            .as_ref()
-            .is_some_and(|l| !l.channel.status().connected());
-        if failed || closed {
+        if failed || !link.channel.status().connected() {
             warn!("dropping the RabbitMQ connection after a failed publish");
-            *state = None;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                link.connection.close(200, "reconnecting".into()),
+            )
+            .await;
+        } else {
+            *state = Some(link);
         }
         results
     }
@@ -543,5 +577,80 @@ impl Subscriber for RabbitSubscriber {
             )
             .await
             .map_err(|e| lapin_err("rejecting", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Vec<Message> {
+        vec![
+            Message::event("t", "E", vec![]),
+            Message::command("nobody", "A", vec![]),
+            Message::command("owned", "B", vec![]),
+        ]
+    }
+
+    fn outcome(r: &Result<()>) -> &'static str {
+        match r {
+            Ok(()) => "ok",
+            Err(e) if e.is_transient() => "unknown",
+            Err(_) => "rejected",
+        }
+    }
+
+    fn apply(returns: &Returns, batch: &[Message]) -> Vec<&'static str> {
+        let mut results: Vec<Result<()>> = batch.iter().map(|_| Ok(())).collect();
+        returns.apply(batch, &mut results);
+        results.iter().map(outcome).collect()
+    }
+
+    #[test]
+    fn a_return_belongs_to_the_command_it_names_not_to_its_carrier() {
+        let b = batch();
+        let mut r = Returns::default();
+        // lapin attached A's return to the event's confirm.
+        r.add(0, Some(&b[1].id.to_string()), "312 NO_ROUTE".into());
+        assert_eq!(apply(&r, &b), ["ok", "rejected", "ok"]);
+        assert_eq!(apply(&Returns::default(), &b), ["ok", "ok", "ok"]);
+    }
+
+    #[test]
+    fn a_return_that_names_no_command_makes_every_command_unknown() {
+        let b = batch();
+        let mut r = Returns::default();
+        r.add(2, None, "312 NO_ROUTE".into());
+        assert_eq!(apply(&r, &b), ["ok", "unknown", "unknown"]);
+        let mut r = Returns::default();
+        r.add(
+            0,
+            Some("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),
+            "312 NO_ROUTE".into(),
+        );
+        assert_eq!(apply(&r, &b), ["unknown", "unknown", "unknown"]);
+    }
+
+    #[test]
+    fn a_missing_confirm_leaves_commands_unknown() {
+        let b = batch();
+        let r = Returns {
+            all_resolved: false,
+            ..Returns::default()
+        };
+        assert_eq!(apply(&r, &b), ["ok", "unknown", "unknown"]);
+    }
+
+    #[test]
+    fn commands_sharing_an_id_are_rejected_only_if_all_came_back() {
+        let a = Message::command("nobody", "A", vec![]);
+        let mut twin = a.clone();
+        twin.destination = "owned".to_owned();
+        let b = vec![a.clone(), twin];
+        let mut r = Returns::default();
+        r.add(0, Some(&a.id.to_string()), "312 NO_ROUTE".into());
+        assert_eq!(apply(&r, &b), ["unknown", "unknown"]);
+        r.add(1, Some(&a.id.to_string()), "312 NO_ROUTE".into());
+        assert_eq!(apply(&r, &b), ["rejected", "rejected"]);
     }
 }

@@ -69,10 +69,15 @@ impl Sql {
                  lease_owner = NULL, lease_token = NULL, lease_until = ?4 \
                  WHERE id = ?1 AND lease_token = ?2 RETURNING attempts"
             ),
+            // A dead letter keeps its outbox id, unless a producer wrote the id column itself
+            // and reused one an earlier dead letter has: then it takes the next free id, so the
+            // move cannot fail (and stop the relay) on that row.
             dead_letter: format!(
                 "INSERT INTO \"{dead}\" (id, message_id, kind, message_type, source, destination, ordering_key, \
                  headers, content_type, payload, created_at, attempts, reason) \
-                 SELECT id, message_id, kind, message_type, source, destination, ordering_key, headers, \
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM \"{dead}\" d WHERE d.id = ?1) \
+                 THEN (SELECT MAX(MAX(d.id), ?1) + 1 FROM \"{dead}\" d) ELSE id END, \
+                 message_id, kind, message_type, source, destination, ordering_key, headers, \
                  content_type, payload, created_at, attempts, ?2 FROM \"{t}\" WHERE id = ?1"
             ),
             delete_one: format!("DELETE FROM \"{t}\" WHERE id = ?1"),

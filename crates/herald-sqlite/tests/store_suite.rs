@@ -135,6 +135,10 @@ impl StoreHarness for Sqlite {
             N::TextInIntegerColumn => {
                 "INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', ?1, x'00', 'yesterday')"
             }
+            N::ReusedDeadLetterId => {
+                "INSERT INTO herald_outbox (id, message_type, destination, headers, payload) \
+                 SELECT MAX(id), 'T', ?1, '[1]', x'00' FROM herald_outbox_dead_letter"
+            }
             _ => return Ok(false),
         };
         sqlx::query(sql)

@@ -103,6 +103,9 @@ pub enum NativePoison {
     BlobInTextColumn,
     /// SQLite: text in the integer `created_at` column.
     TextInIntegerColumn,
+    /// Any database: an undecodable row whose `id` (a column the relay owns) is set by hand to
+    /// the id of an existing dead letter.
+    ReusedDeadLetterId,
 }
 
 impl NativePoison {
@@ -464,6 +467,19 @@ pub async fn rows_end_published_or_dead_lettered(h: &dyn StoreHarness) -> Result
         seen, good,
         "every good row (and the retried command) published, in order per key"
     );
+    // Then a row written with the id of an existing dead letter: moving it must not fail.
+    let reused = format!("{tag}-reused-id");
+    if h.insert_native(NativePoison::ReusedDeadLetterId, &reused)
+        .await?
+    {
+        loop {
+            let report = relay.tick().await?;
+            if report.claimed == 0 {
+                break;
+            }
+        }
+        expected.insert(reused, End::Dead("headers"));
+    }
     let reasons: HashMap<String, String> = h.dead_letter_reasons().await?.into_iter().collect();
     for (destination, end) in &expected {
         let dead = reasons.get(destination);
