@@ -112,7 +112,7 @@ async fn relay_and_read_dead_letters(db: &str, broker: &str, dead: usize, ids: &
         "error",
     ));
     assert!(purged.contains("no dead letters match"), "{purged}");
-    ok(&herald(
+    let replayed = ok(&herald(
         &[
             "dlq",
             "replay",
@@ -124,10 +124,12 @@ async fn relay_and_read_dead_letters(db: &str, broker: &str, dead: usize, ids: &
         ],
         "error",
     ));
-    ok(&herald(
-        &["dlq", "purge", "--database", db, "--side", "relay", "--yes"],
-        "error",
-    ));
+    assert!(replayed.contains(&format!("replayed {dead}")), "{replayed}");
+    let status = ok(&herald(&["status", "--database", db], "error"));
+    assert!(
+        status.contains(&format!("total: pending={dead} dead_letters=0")),
+        "the replayed rows are back in the outbox: {status}"
+    );
 }
 
 #[tokio::test]

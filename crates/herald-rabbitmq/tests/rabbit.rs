@@ -385,3 +385,55 @@ async fn headers_up_to_the_frame_size_go_out_and_larger_are_refused_alone() {
     assert_eq!(got, [fits.id, small.id]);
     delete_queues(&[queue]).await;
 }
+
+/// An event for a destination that already exists as an exchange of another type (another
+/// application's direct exchange) is refused for itself, as a rejection with RabbitMQ's reason;
+/// the messages before and after it, of its key and of others, are confirmed and delivered, and
+/// the connection is not dropped (which made the batch fail and its confirmed head go out again
+/// and again).
+#[tokio::test]
+async fn an_exchange_of_another_type_refuses_its_event_alone() {
+    let topic = unique("good-topic");
+    let clash = unique("direct-x");
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        clash.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let rabbit = transport();
+    let mut sub = rabbit
+        .subscribe(&Subscription::events(&topic, "svc"))
+        .await
+        .unwrap();
+    let batch = [
+        Message::event(&topic, "E", b"1".to_vec()).with_key("A"),
+        Message::event(&clash, "E", b"2".to_vec()).with_key("A"),
+        Message::event(&topic, "E", b"3".to_vec()).with_key("B"),
+    ];
+    for round in 0..2 {
+        let results = rabbit.publish(&batch).await;
+        assert!(results[0].is_ok(), "round {round}: {:?}", results[0]);
+        let err = results[1].as_ref().unwrap_err();
+        assert!(matches!(err, Error::Rejected { .. }), "round {round}: {err}");
+        assert!(err.to_string().contains("inequivalent arg"), "{err}");
+        assert!(results[2].is_ok(), "round {round}: {:?}", results[2]);
+    }
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let d = next(&mut sub).await;
+        got.push(d.message.payload.clone());
+        sub.ack(d.tag).await.unwrap();
+    }
+    assert_eq!(got, [b"1".to_vec(), b"3".to_vec(), b"1".to_vec(), b"3".to_vec()]);
+    let _ = ch
+        .exchange_delete(clash.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+        .await;
+    delete_queues(&[format!("svc.{topic}")]).await;
+}

@@ -385,8 +385,9 @@ pub async fn command_before_owner_matches_the_flag(h: &dyn ConsumerHarness) {
 }
 
 /// The relay over this transport: a command refused because its owner is not there yet is not
-/// overtaken by the later messages of its key (they are not even sent), other keys flow, and
-/// once the owner subscribes the command and then the rest of its key arrive, in order.
+/// overtaken by the later messages of its key (nothing of the key after it is delivered while it
+/// waits), other keys flow, and once the owner subscribes the command arrives and then the rest
+/// of its key, in order.
 pub async fn refused_command_is_not_overtaken_by_its_key(h: &dyn ConsumerHarness) {
     use herald_core::{Relay, RelayConfig};
     let caps = h.capabilities();
