@@ -14,6 +14,10 @@ pub const DEFAULT_BROKER: &str = "sqlite://herald-broker.db";
 /// rows deleted as "published" while no service ever sees them.
 pub fn broker_or_default(broker: Option<&str>, database: &SecretUrl) -> Result<String> {
     match broker {
+        Some(b) if b.trim().is_empty() => Err(herald::Error::config(
+            "--broker (or HERALD_BROKER_URL) is empty: give the broker URL",
+        )
+        .into()),
         Some(b) => Ok(b.to_owned()),
         None if database.scheme() == "sqlite" => Ok(DEFAULT_BROKER.to_owned()),
         None => Err(herald::Error::config(format!(

@@ -59,7 +59,8 @@ pub struct RelayArgs {
     #[arg(long, env = "HERALD_RELAY_ID")]
     relay_id: Option<String>,
     /// Publish what can be published, then exit: 0 once the outbox is empty, 1 (saying why) if rows
-    /// remain, waiting for a retry or leased by another relay (for batch jobs and tests).
+    /// remain, waiting for a retry or leased by another relay, or if the broker failed every
+    /// publish for 30 s (for batch jobs and tests).
     #[arg(long)]
     until_empty: bool,
     /// Testing only: abort the process at `after-claim`, `mid-batch` (half the batch published
@@ -174,8 +175,8 @@ impl OutboxStore for DuringMark {
             "during-mark (commit in flight)"
         })
     }
-    async fn release(&self, lease: &Lease, seqs: &[i64]) -> herald::Result<u64> {
-        self.0.release(lease, seqs).await
+    async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> herald::Result<u64> {
+        self.0.release(lease, seqs, reason).await
     }
     async fn record_rejection(
         &self,
@@ -236,17 +237,26 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
         // published again after their lease (duplicates, never losses).
         let drained = tokio::select! {
             r = drain(&relay) => r,
-            () = shutdown => Ok(()),
+            () = shutdown => Ok(None),
         };
-        if drained.is_ok() {
-            remaining = Some(
-                store
-                    .stats()
-                    .await
-                    .context("reading what is left in the outbox")?,
-            );
+        match drained {
+            Ok(gave_up) => {
+                if let Some(error) = gave_up {
+                    eprintln!(
+                        "herald relay --until-empty: giving up after the broker failed every publish for {}s: {error}",
+                        UNTIL_EMPTY_PATIENCE.as_secs()
+                    );
+                }
+                remaining = Some(
+                    store
+                        .stats()
+                        .await
+                        .context("reading what is left in the outbox")?,
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        drained
     } else {
         let reporter = tokio::spawn(report_progress(relay.clone()));
         let result = relay.run(shutdown).await;
@@ -274,7 +284,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
             .map(|s| format!("{}={}", s.destination, s.pending))
             .collect();
         eprintln!(
-            "herald relay --until-empty: {left} rows remain in the outbox ({}), waiting for a retry after a rejection or leased by another relay; `herald status` shows them, the rows' last_error says why",
+            "herald relay --until-empty: {left} rows remain in the outbox ({}): waiting for a retry, held back behind their key, or leased by another relay; `herald status` counts them, each row's last_error says why",
             by_destination.join(" ")
         );
         return Ok(ExitCode::FAILURE);
@@ -282,17 +292,32 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Ticks until a claim comes back empty and no broker error is pending. Rows waiting for a retry
-/// (or leased by another relay) are not claimable: the caller checks what is left.
-async fn drain(relay: &Relay) -> anyhow::Result<()> {
+/// How long `--until-empty` keeps retrying a broker that fails every publish before it gives up
+/// (and exits 1, saying what is left).
+const UNTIL_EMPTY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Ticks until a claim comes back empty and no broker error is pending, or until the broker has
+/// failed every tick for [`UNTIL_EMPTY_PATIENCE`] (then returns its error). Rows waiting for a
+/// retry (or leased by another relay) are not claimable: the caller checks what is left.
+async fn drain(relay: &Relay) -> anyhow::Result<Option<String>> {
     let mut backoff =
         herald::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+    let mut failing_since: Option<Instant> = None;
     loop {
         let report = relay.tick().await?;
-        if report.broker_error.is_some() {
+        if let Some(error) = report.broker_error {
+            if report.published > 0 {
+                failing_since = None;
+            }
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= UNTIL_EMPTY_PATIENCE {
+                return Ok(Some(error));
+            }
             tokio::time::sleep(backoff.next_delay()).await;
         } else if report.claimed == 0 {
-            return Ok(());
+            return Ok(None);
+        } else {
+            failing_since = None;
         }
     }
 }

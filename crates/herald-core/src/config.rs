@@ -278,8 +278,13 @@ impl RelayConfig {
         if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
             return Err(Error::config("backoff must satisfy 0 < initial <= max"));
         }
-        if self.relay_id.is_empty() || self.relay_id.len() > 200 {
-            return Err(Error::config("relay id must be 1 to 200 bytes"));
+        if self.relay_id.is_empty()
+            || self.relay_id.len() > 200
+            || self.relay_id.chars().any(char::is_control)
+        {
+            return Err(Error::config(
+                "relay id must be 1 to 200 bytes without control characters",
+            ));
         }
         Ok(())
     }

@@ -299,7 +299,11 @@ impl Relay {
             }
         }
         if !unknown.is_empty() {
-            let released = store.release(&lease, &unknown).await? as usize;
+            let reason = match &report.broker_error {
+                Some(e) => format!("outcome unknown, will publish again: {e}"),
+                None => "waiting: an earlier message of its key was not confirmed".to_owned(),
+            };
+            let released = store.release(&lease, &unknown, &reason).await? as usize;
             report.released += released;
             self.count(&self.inner.counters.released, released);
             if released < unknown.len() {

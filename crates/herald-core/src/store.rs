@@ -110,9 +110,11 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// rows touched; fewer than `seqs.len()` means the lease was lost for the rest.
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> Result<u64>;
 
-    /// Gives rows back unpublished (after a broker outage or a shutdown), without counting an
-    /// attempt. Returns the number of rows touched.
-    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64>;
+    /// Gives rows back unpublished (after a broker outage, an unknown outcome, or because an
+    /// earlier row of their key was not confirmed), without counting an attempt, and records
+    /// `reason` as their `last_error` so that an operator sees why they wait. Returns the number
+    /// of rows touched.
+    async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> Result<u64>;
 
     /// Records that the broker rejected the row: counts an attempt with `reason`, and moves the row
     /// to the dead-letter table once `max_attempts` is reached (or at once when `max_attempts` is 1).

@@ -71,7 +71,8 @@ impl Sql {
             ),
             complete: format!("DELETE FROM `{t}` WHERE lease_token = ?"),
             release: format!(
-                "UPDATE `{t}` SET lease_owner = NULL, lease_token = NULL, lease_until = NULL WHERE lease_token = ?"
+                "UPDATE `{t}` SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, last_error = ? \
+                 WHERE lease_token = ?"
             ),
             // A dead letter keeps its outbox id, unless a producer wrote the id column itself
             // and reused one an earlier dead letter has: then it takes the next free id, so the
@@ -378,9 +379,22 @@ impl OutboxStore for MySqlOutbox {
         .await
     }
 
-    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
-        self.by_lease(&self.sql.release, "releasing outbox rows", lease, seqs)
+    async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> Result<u64> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!("{} AND id IN ({})", self.sql.release, marks(seqs.len()));
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(reason)
+            .bind(lease.token);
+        for s in seqs {
+            q = q.bind(*s);
+        }
+        let done = q
+            .execute(&self.pool)
             .await
+            .map_err(|e| db("releasing outbox rows", e))?;
+        Ok(done.rows_affected())
     }
 
     async fn record_rejection(

@@ -73,7 +73,7 @@ impl Sql {
                  WHERE o.lease_token = $1 AND o.id = ANY($2)"
             ),
             release: format!(
-                "UPDATE \"{t}\" o SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                "UPDATE \"{t}\" o SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, last_error = $3 \
                  FROM (SELECT set_config('synchronous_commit', 'off', true)) s \
                  WHERE o.lease_token = $1 AND o.id = ANY($2)"
             ),
@@ -260,10 +260,11 @@ impl OutboxStore for PgOutbox {
         Ok(done.rows_affected())
     }
 
-    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+    async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> Result<u64> {
         let done = sqlx::query(AssertSqlSafe(self.sql.release.as_str()))
             .bind(lease.token)
             .bind(seqs)
+            .bind(reason)
             .execute(&self.pool)
             .await
             .map_err(|e| db("releasing outbox rows", e))?;

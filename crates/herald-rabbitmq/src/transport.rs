@@ -48,6 +48,26 @@ impl RabbitTransport {
                 url.scheme()
             )));
         }
+        // Parameters lapin would only refuse while connecting (taken for an outage and retried
+        // forever) are checked now.
+        let parsed: lapin::uri::AMQPUri = url.expose().parse().map_err(|e: String| {
+            Error::config(format!(
+                "broker URL {url} is not a valid AMQP URI: {}",
+                e.replace(url.expose(), "<url>")
+            ))
+        })?;
+        if parsed.query.frame_max.is_some_and(|f| f < 4096) {
+            return Err(Error::config(
+                "broker URL parameter frame_max must be at least 4096 (AMQP's minimum frame size)",
+            ));
+        }
+        if parsed.query.auth_mechanism.is_some_and(|m| {
+            m != lapin::uri::SASLMechanism::Plain && m != lapin::uri::SASLMechanism::AMQPlain
+        }) {
+            return Err(Error::config(
+                "broker URL parameter auth_mechanism: herald logs in with a user and password (PLAIN or AMQPLAIN)",
+            ));
+        }
         Ok(RabbitTransport {
             url,
             confirm_timeout: Duration::from_secs(5),

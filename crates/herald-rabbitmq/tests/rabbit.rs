@@ -421,7 +421,10 @@ async fn an_exchange_of_another_type_refuses_its_event_alone() {
         let results = rabbit.publish(&batch).await;
         assert!(results[0].is_ok(), "round {round}: {:?}", results[0]);
         let err = results[1].as_ref().unwrap_err();
-        assert!(matches!(err, Error::Rejected { .. }), "round {round}: {err}");
+        assert!(
+            matches!(err, Error::Rejected { .. }),
+            "round {round}: {err}"
+        );
         assert!(err.to_string().contains("inequivalent arg"), "{err}");
         assert!(results[2].is_ok(), "round {round}: {:?}", results[2]);
     }
@@ -431,9 +434,15 @@ async fn an_exchange_of_another_type_refuses_its_event_alone() {
         got.push(d.message.payload.clone());
         sub.ack(d.tag).await.unwrap();
     }
-    assert_eq!(got, [b"1".to_vec(), b"3".to_vec(), b"1".to_vec(), b"3".to_vec()]);
+    assert_eq!(
+        got,
+        [b"1".to_vec(), b"3".to_vec(), b"1".to_vec(), b"3".to_vec()]
+    );
     let _ = ch
-        .exchange_delete(clash.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+        .exchange_delete(
+            clash.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
         .await;
     delete_queues(&[format!("svc.{topic}")]).await;
 }

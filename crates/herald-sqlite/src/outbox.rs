@@ -61,7 +61,7 @@ impl Sql {
                 "DELETE FROM \"{t}\" WHERE lease_token = ?1 AND id IN (SELECT value FROM json_each(?2))"
             ),
             release: format!(
-                "UPDATE \"{t}\" SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+                "UPDATE \"{t}\" SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, last_error = ?3 \
                  WHERE lease_token = ?1 AND id IN (SELECT value FROM json_each(?2))"
             ),
             reject: format!(
@@ -259,10 +259,11 @@ impl OutboxStore for SqliteOutbox {
         Ok(done.rows_affected())
     }
 
-    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+    async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> Result<u64> {
         let done = sqlx::query(AssertSqlSafe(self.sql.release.as_str()))
             .bind(lease.token)
             .bind(json_ids(seqs))
+            .bind(reason)
             .execute(&self.pool)
             .await
             .map_err(|e| db("releasing outbox rows", e))?;

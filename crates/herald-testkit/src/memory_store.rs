@@ -108,7 +108,8 @@ impl OutboxStore for MemoryStore {
         Ok((before - rows.len()) as u64)
     }
 
-    async fn release(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+    async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> Result<u64> {
+        let _ = reason;
         let mut n = 0;
         for r in self.rows.lock().expect("store lock").iter_mut() {
             if r.token == Some(lease.token) && seqs.contains(&r.seq) {

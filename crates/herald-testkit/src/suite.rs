@@ -175,7 +175,9 @@ pub async fn expired_lease_is_fenced(h: &dyn StoreHarness) -> Result<()> {
         "the zombie's mark must be refused"
     );
     assert_eq!(
-        zombie.release(&stale.lease, &[stale.rows[0].seq]).await?,
+        zombie
+            .release(&stale.lease, &[stale.rows[0].seq], "zombie")
+            .await?,
         0,
         "the zombie's release must be refused"
     );
@@ -204,7 +206,11 @@ pub async fn released_rows_are_claimable_again(h: &dyn StoreHarness) -> Result<(
         .await?;
     let s = h.store().await;
     let c = s.claim("r", 10, Duration::from_secs(30)).await?;
-    assert_eq!(s.release(&c.lease, &[c.rows[0].seq]).await?, 1);
+    assert_eq!(
+        s.release(&c.lease, &[c.rows[0].seq], "broker unavailable")
+            .await?,
+        1
+    );
     let again = s.claim("r", 10, Duration::from_secs(30)).await?;
     assert_eq!(again.rows.len(), 1);
     assert_eq!(
