@@ -147,8 +147,12 @@ fn init_logging(command: &Command, format: LogFormat) {
         LogFormat::Json => layer.json().boxed(),
         LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
+    // Both filters as global layers: an event is written only if both enable it. (As two
+    // nested per-layer filters, events of some callsites went missing on the PostgreSQL path.)
     tracing_subscriber::registry()
-        .with(layer.with_filter(filter).with_filter(capped_crates()))
+        .with(capped_crates())
+        .with(filter)
+        .with(layer)
         .init();
 }
 

@@ -72,6 +72,13 @@ async fn relay_and_read_dead_letters(db: &str, broker: &str, dead: usize, ids: &
         summary.contains(&format!("dead_lettered={dead}")),
         "{summary}"
     );
+    // Each dead letter is logged, with its reason, at WARN.
+    let (_, logs) = text(&out);
+    let logged = logs
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("dead-letter"))
+        .count();
+    assert_eq!(logged, dead, "{logs}");
     let status = ok(&herald(&["status", "--database", db], "error"));
     assert!(status.contains("total: pending=0"), "{status}");
     assert!(status.contains(&format!("dead_letters={dead}")), "{status}");
