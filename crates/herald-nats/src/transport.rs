@@ -145,12 +145,29 @@ impl NatsTransport {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        let s = self
+        let subject = wire::subject(kind, destination);
+        let mut s = self
             .js
             .get_or_create_stream(config)
             .await
             .map_err(|e| nats_err("creating a stream", e))?;
-        self.streams.lock().await.insert(name);
+        // Stream names fold '.' into '_', so `a.b` and `a_b` share one: the stream that exists
+        // may serve the other spelling, and publishing would find no stream for this subject.
+        let subjects = s
+            .info()
+            .await
+            .map_err(|e| nats_err("reading a stream", e))?
+            .config
+            .subjects
+            .clone();
+        if !subjects.contains(&subject) {
+            return Err(Error::unpublishable(format!(
+                "destination {destination:?} maps to the JetStream stream {name}, which already serves {}: \
+                 destinations that differ only in '.' and '_' cannot both be used on NATS",
+                subjects.join(", ")
+            )));
+        }
+        self.streams.lock().await.insert(subject);
         Ok(s)
     }
 
@@ -169,7 +186,7 @@ impl NatsTransport {
                     .streams
                     .lock()
                     .await
-                    .contains(&wire::stream_name(m.kind, &m.destination))
+                    .contains(&wire::subject(m.kind, &m.destination))
                 && let Err(e) = self.ensure_stream(Kind::Event, &m.destination).await
             {
                 pending.push(Err(e));

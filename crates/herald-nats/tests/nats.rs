@@ -185,3 +185,31 @@ async fn credentials_in_the_url_are_used_and_a_refused_login_is_fatal() {
     assert!(err.chain().contains("refused the login"), "{}", err.chain());
     assert!(!err.chain().contains("wrong-s3cret"), "{}", err.chain());
 }
+
+/// Two destinations whose stream names collide (`a_b` and `a.b`): the second is refused with a
+/// reason that says so (it was dead-lettered as "the stream is missing"), the first keeps working.
+#[tokio::test]
+async fn destinations_sharing_a_stream_name_are_refused_with_the_reason() {
+    let base = unique("fold");
+    let underscore = format!("{base}_x");
+    let dotted = format!("{base}.x");
+    let nats = transport().await;
+    let r = nats
+        .publish(&[Message::event(&underscore, "T", b"1".to_vec())])
+        .await;
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    let r = nats
+        .publish(&[
+            Message::event(&dotted, "T", b"2".to_vec()),
+            Message::event(&underscore, "T", b"3".to_vec()),
+        ])
+        .await;
+    let err = r[0].as_ref().unwrap_err();
+    assert!(
+        matches!(err, herald_core::Error::Unpublishable { .. })
+            && err.to_string().contains("differ only in"),
+        "{err}"
+    );
+    assert!(r[1].is_ok(), "{:?}", r[1]);
+    cleanup(Kind::Event, &underscore).await;
+}
