@@ -196,6 +196,7 @@ impl Relay {
         // Messages no broker attempt can carry (over the size limit, against CloudEvents rules
         // or the transport's wire limits) are parked now, with the reason, before anything is
         // sent: a client crate never sees a value it would panic on, and the key moves on.
+        let all: Vec<i64> = claim.rows.iter().map(|r| r.seq).collect();
         let mut rows = Vec::with_capacity(claim.rows.len());
         for row in claim.rows {
             match self.unpublishable(&row.message) {
@@ -204,7 +205,14 @@ impl Relay {
                     // A lost lease here means this row vanished (deleted by hand): the lease
                     // itself cannot have passed to another relay while it is still usable,
                     // which is checked before anything is published.
-                    self.reject(&lease, &row, &reason, 1, &mut report).await?;
+                    if let Err(e) = self.reject(&lease, &row, &reason, 1, &mut report).await {
+                        // Give the batch back rather than leave it leased until the lease ends
+                        // (best effort: the database just failed).
+                        let _ = store
+                            .release(&lease, &all, "the relay's database failed")
+                            .await;
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -233,13 +241,16 @@ impl Relay {
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut confirmed = Vec::with_capacity(rows.len());
         let mut unknown = Vec::new();
+        // Rows not sent, or sent but not counted, because an earlier row of their key was not
+        // confirmed.
+        let mut held = Vec::new();
         // A database error while recording a rejection is kept until the confirmed rows are
         // marked and the rest released: failing at once would leave them all leased.
         let mut failure: Option<Error> = None;
         for (row, result) in rows.iter().zip(results) {
             let key = row.message.ordering_key.as_deref();
             if key.is_some_and(|k| blocked.contains(k)) {
-                unknown.push(row.seq);
+                held.push(row.seq);
                 continue;
             }
             let keeps_key = match result {
@@ -249,7 +260,7 @@ impl Relay {
                 }
                 // Held back behind an earlier message of its key that was not confirmed.
                 None => {
-                    unknown.push(row.seq);
+                    held.push(row.seq);
                     false
                 }
                 Some(Err(e)) if e.is_transient() || failure.is_some() => {
@@ -298,20 +309,30 @@ impl Relay {
                 report = self.lease_lost(report, lease.token, lost);
             }
         }
-        if !unknown.is_empty() {
-            let reason = match &report.broker_error {
-                Some(e) => format!("outcome unknown, will publish again: {e}"),
-                None => "waiting: an earlier message of its key was not confirmed".to_owned(),
-            };
-            let released = store.release(&lease, &unknown, &reason).await? as usize;
+        let unknown_reason = match (&report.broker_error, &failure) {
+            (Some(e), _) => format!("outcome unknown, will publish again: {e}"),
+            (None, Some(e)) => format!("not recorded, the relay's database failed: {}", e.chain()),
+            (None, None) => "outcome unknown, will publish again".to_owned(),
+        };
+        for (seqs, reason) in [
+            (&unknown, unknown_reason.as_str()),
+            (
+                &held,
+                "waiting: an earlier message of its key was not confirmed",
+            ),
+        ] {
+            if seqs.is_empty() {
+                continue;
+            }
+            let released = store.release(&lease, seqs, reason).await? as usize;
             report.released += released;
             self.count(&self.inner.counters.released, released);
-            if released < unknown.len() {
-                report = self.lease_lost(report, lease.token, unknown.len() - released);
+            if released < seqs.len() {
+                report = self.lease_lost(report, lease.token, seqs.len() - released);
             }
-            if report.broker_error.is_some() {
-                self.count(&self.inner.counters.broker_errors, 1);
-            }
+        }
+        if report.broker_error.is_some() {
+            self.count(&self.inner.counters.broker_errors, 1);
         }
         self.count(&self.inner.counters.published, report.published);
         match failure {

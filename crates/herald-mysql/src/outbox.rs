@@ -140,12 +140,12 @@ impl MySqlOutbox {
             .bind(seq)
             .execute(&mut *conn)
             .await
-            .map_err(|e| db("dead-lettering an outbox row", e))?;
+            .map_err(dead_letter_error)?;
         sqlx::query(AssertSqlSafe(self.sql.delete_one.as_str()))
             .bind(seq)
             .execute(&mut *conn)
             .await
-            .map_err(|e| db("dead-lettering an outbox row", e))?;
+            .map_err(dead_letter_error)?;
         Ok(())
     }
 
@@ -271,6 +271,25 @@ fn raw_row(r: &MySqlRow) -> std::result::Result<RawRow, sqlx::Error> {
         created_at_micros: r.try_get("created_at")?,
         attempts: r.try_get("attempts")?,
     })
+}
+
+/// A unique violation while moving a row to the dead letters can only be two relays giving a
+/// reused id the same fresh one at once: retrying picks another, so it is transient here (a
+/// permanent error would stop the relay).
+fn dead_letter_error(e: sqlx::Error) -> Error {
+    let collided = e
+        .as_database_error()
+        .is_some_and(|d| d.is_unique_violation());
+    match db("dead-lettering an outbox row", e) {
+        Error::Database {
+            context, source, ..
+        } if collided => Error::Database {
+            context,
+            transient: true,
+            source,
+        },
+        other => other,
+    }
 }
 
 #[async_trait]
@@ -405,8 +424,20 @@ impl OutboxStore for MySqlOutbox {
         max_attempts: u32,
         retry_after: Duration,
     ) -> Result<RejectionOutcome> {
-        let mut tx = self
+        use sqlx::Connection;
+        let mut conn = self
             .pool
+            .acquire()
+            .await
+            .map_err(|e| db("recording a rejection", e))?;
+        // READ COMMITTED, as for claims: the dead-letter move reads the dead-letter table (for a
+        // reused id), and under REPEATABLE READ those reads take gap locks that make two relays
+        // dead-lettering at once deadlock on the insert.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db("recording a rejection", e))?;
+        let mut tx = conn
             .begin()
             .await
             .map_err(|e| db("recording a rejection", e))?;

@@ -136,7 +136,7 @@ impl PgOutbox {
             .bind(reason)
             .execute(conn)
             .await
-            .map_err(|e| db("dead-lettering an outbox row", e))?;
+            .map_err(dead_letter_error)?;
         Ok(())
     }
 }
@@ -193,6 +193,25 @@ fn raw_columns(
         created_at_micros,
         attempts: r.try_get("attempts")?,
     })
+}
+
+/// A unique violation while moving a row to the dead letters can only be two relays giving a
+/// reused id the same fresh one at once: retrying picks another, so it is transient here (a
+/// permanent error would stop the relay).
+fn dead_letter_error(e: sqlx::Error) -> Error {
+    let collided = e
+        .as_database_error()
+        .is_some_and(|d| d.is_unique_violation());
+    match db("dead-lettering an outbox row", e) {
+        Error::Database {
+            context, source, ..
+        } if collided => Error::Database {
+            context,
+            transient: true,
+            source,
+        },
+        other => other,
+    }
 }
 
 #[async_trait]

@@ -56,9 +56,9 @@ impl RabbitTransport {
                 e.replace(url.expose(), "<url>")
             ))
         })?;
-        if parsed.query.frame_max.is_some_and(|f| f < 4096) {
+        if parsed.query.frame_max.is_some_and(|f| f != 0 && f < 4096) {
             return Err(Error::config(
-                "broker URL parameter frame_max must be at least 4096 (AMQP's minimum frame size)",
+                "broker URL parameter frame_max must be 0 (no limit) or at least 4096 (AMQP's minimum frame size)",
             ));
         }
         if parsed.query.auth_mechanism.is_some_and(|m| {

@@ -127,12 +127,12 @@ impl SqliteOutbox {
             .bind(reason)
             .execute(&mut *tx)
             .await
-            .map_err(|e| db("dead-lettering an outbox row", e))?;
+            .map_err(dead_letter_error)?;
         sqlx::query(AssertSqlSafe(self.sql.delete_one.as_str()))
             .bind(seq)
             .execute(&mut *tx)
             .await
-            .map_err(|e| db("dead-lettering an outbox row", e))?;
+            .map_err(dead_letter_error)?;
         Ok(())
     }
 }
@@ -196,6 +196,25 @@ fn lossy(r: &sqlx::sqlite::SqliteRow, column: &str) -> String {
         .flatten()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
+}
+
+/// A unique violation while moving a row to the dead letters can only be two relays giving a
+/// reused id the same fresh one at once: retrying picks another, so it is transient here (a
+/// permanent error would stop the relay).
+fn dead_letter_error(e: sqlx::Error) -> Error {
+    let collided = e
+        .as_database_error()
+        .is_some_and(|d| d.is_unique_violation());
+    match db("dead-lettering an outbox row", e) {
+        Error::Database {
+            context, source, ..
+        } if collided => Error::Database {
+            context,
+            transient: true,
+            source,
+        },
+        other => other,
+    }
 }
 
 #[async_trait]
