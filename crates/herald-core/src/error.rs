@@ -145,6 +145,23 @@ impl Error {
         }
     }
 
+    /// This error, marked transient if `transient` (for a database error that a caller knows is
+    /// worth retrying although its code says otherwise).
+    pub fn transient_if(self, transient: bool) -> Error {
+        match self {
+            Error::Database {
+                context,
+                transient: was,
+                source,
+            } => Error::Database {
+                context,
+                transient: was || transient,
+                source,
+            },
+            other => other,
+        }
+    }
+
     /// The full chain of causes as one line, for logs and dead-letter reasons.
     pub fn chain(&self) -> String {
         let mut out = self.to_string();

@@ -280,16 +280,7 @@ fn dead_letter_error(e: sqlx::Error) -> Error {
     let collided = e
         .as_database_error()
         .is_some_and(|d| d.is_unique_violation());
-    match db("dead-lettering an outbox row", e) {
-        Error::Database {
-            context, source, ..
-        } if collided => Error::Database {
-            context,
-            transient: true,
-            source,
-        },
-        other => other,
-    }
+    db("dead-lettering an outbox row", e).transient_if(collided)
 }
 
 #[async_trait]
