@@ -448,21 +448,30 @@ impl Subscriber for NatsSubscriber {
     }
 
     async fn ack(&mut self, tag: u64) -> Result<()> {
+        // The tag is the stream sequence. JetStream may deliver a message again (ack wait
+        // passed, or after the broker restarted) while the first delivery is still being
+        // handled: the newest delivery replaces the older one here, and the second ack of that
+        // sequence finds it already acknowledged. Nothing to do then (an ack that does nothing
+        // can at worst cause one more redelivery, which the inbox recognises); failing would
+        // stop the consumer.
+        let Some(msg) = self.unacked.remove(&tag) else {
+            tracing::debug!(
+                tag,
+                "ack of a delivery already acknowledged through a redelivery"
+            );
+            return Ok(());
+        };
         // Double ack: wait for the server to confirm the ack, so "acked" means it will not come back.
-        let msg = self
-            .unacked
-            .remove(&tag)
-            .ok_or_else(|| Error::config(format!("unknown delivery tag {tag}")))?;
         msg.double_ack()
             .await
             .map_err(|e| Error::unavailable("NATS (acknowledging)", e.to_string()))
     }
 
     async fn nack(&mut self, tag: u64) -> Result<()> {
-        let msg = self
-            .unacked
-            .remove(&tag)
-            .ok_or_else(|| Error::config(format!("unknown delivery tag {tag}")))?;
+        // As in `ack`: a sequence already settled through a redelivery needs nothing more.
+        let Some(msg) = self.unacked.remove(&tag) else {
+            return Ok(());
+        };
         msg.ack_with(jetstream::AckKind::Nak(None))
             .await
             .map_err(|e| Error::unavailable("NATS (rejecting)", e.to_string()))
