@@ -197,12 +197,25 @@ impl MySqlOutbox {
 
     /// Runs `head` (a statement ending in `WHERE lease_token = ?`) for `seqs`, returning the rows
     /// touched: the ones still under `lease`.
-    async fn by_lease(&self, head: &str, what: &str, lease: &Lease, seqs: &[i64]) -> Result<u64> {
+    /// Runs `head` (ending in `WHERE lease_token = ?`) for `seqs`; `set`, if any, is bound before
+    /// the token (a value the statement's `SET` takes).
+    async fn by_lease(
+        &self,
+        head: &str,
+        what: &str,
+        set: Option<&str>,
+        lease: &Lease,
+        seqs: &[i64],
+    ) -> Result<u64> {
         if seqs.is_empty() {
             return Ok(0);
         }
         let sql = format!("{head} AND id IN ({})", marks(seqs.len()));
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(lease.token);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(value) = set {
+            q = q.bind(value);
+        }
+        q = q.bind(lease.token);
         for s in seqs {
             q = q.bind(*s);
         }
@@ -383,6 +396,7 @@ impl OutboxStore for MySqlOutbox {
         self.by_lease(
             &self.sql.complete,
             "marking outbox rows published",
+            None,
             lease,
             seqs,
         )
@@ -390,21 +404,9 @@ impl OutboxStore for MySqlOutbox {
     }
 
     async fn release(&self, lease: &Lease, seqs: &[i64], reason: &str) -> Result<u64> {
-        if seqs.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!("{} AND id IN ({})", self.sql.release, marks(seqs.len()));
-        let mut q = sqlx::query(AssertSqlSafe(sql))
-            .bind(reason)
-            .bind(lease.token);
-        for s in seqs {
-            q = q.bind(*s);
-        }
-        let done = q
-            .execute(&self.pool)
+        let what = "releasing outbox rows";
+        self.by_lease(&self.sql.release, what, Some(reason), lease, seqs)
             .await
-            .map_err(|e| db("releasing outbox rows", e))?;
-        Ok(done.rows_affected())
     }
 
     async fn record_rejection(

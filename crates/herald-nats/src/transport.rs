@@ -23,6 +23,9 @@ pub struct NatsTransport {
     streams: Mutex<HashSet<String>>,
     ack_wait: Duration,
     max_deliver: i64,
+    /// The server's `max_payload`, read once per batch (reading it clones the server's info,
+    /// too much for every message).
+    max_payload: std::sync::atomic::AtomicUsize,
 }
 
 /// Decodes `%xx` escapes of a URL's user or password (the url crate keeps them encoded).
@@ -123,7 +126,15 @@ impl NatsTransport {
             streams: Mutex::new(HashSet::new()),
             ack_wait: Duration::from_secs(30),
             max_deliver: -1,
+            max_payload: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    fn refresh_max_payload(&self) -> usize {
+        let max = self.js.client().server_info().max_payload;
+        self.max_payload
+            .store(max, std::sync::atomic::Ordering::Relaxed);
+        max
     }
 
     /// How long a delivery may stay unacknowledged before JetStream delivers it again. Default 30 s.
@@ -234,10 +245,16 @@ impl NatsTransport {
 impl Transport for NatsTransport {
     fn validate(&self, m: &Message) -> Result<()> {
         m.check_cloudevents().map_err(Error::unpublishable)?;
-        wire::check_limits(m, self.js.client().server_info().max_payload)
+        let mut max_payload = self.max_payload.load(std::sync::atomic::Ordering::Relaxed);
+        if max_payload == 0 {
+            max_payload = self.refresh_max_payload();
+        }
+        wire::check_limits(m, max_payload)
     }
 
     async fn publish(&self, batch: &[Message]) -> Vec<Result<()>> {
+        // The limit may change when the client reconnects to another server: read it per batch.
+        self.refresh_max_payload();
         // async-nats reconnects by itself, even in the middle of a batch: a message written just
         // before the connection dropped is lost while the next one goes out on the new
         // connection and is confirmed. Pipelining a key's messages across that would put them on

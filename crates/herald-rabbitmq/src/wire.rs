@@ -50,15 +50,8 @@ pub fn check_limits(m: &Message) -> Result<()> {
     short("destination", &m.destination)?;
     short("message_type", &m.message_type)?;
     short("content_type", &m.content_type)?;
-    // Header names: `ce-` plus at most 64 bytes (Message::check_cloudevents, checked first).
-    for k in m.headers.keys() {
-        if 3 + k.len() > SHORT_STRING_MAX {
-            return Err(Error::unpublishable(format!(
-                "a header name is {} bytes with its ce- prefix, over AMQP's short-string limit of {SHORT_STRING_MAX} bytes",
-                3 + k.len()
-            )));
-        }
-    }
+    // Header names are `ce-` plus at most 64 bytes (Message::check_cloudevents, checked first
+    // by `RabbitTransport::validate`): always short strings.
     if m.destination.starts_with("amq.") {
         return Err(Error::unpublishable(format!(
             "destination {:?} starts with \"amq.\", which RabbitMQ reserves for its own exchanges and queues",
