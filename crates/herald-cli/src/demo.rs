@@ -217,7 +217,7 @@ impl Demo {
 struct PgEmails;
 
 #[async_trait::async_trait]
-impl herald::postgres::PgHandler for PgEmails {
+impl herald::postgres::Handler<sqlx::Postgres> for PgEmails {
     async fn handle(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -237,7 +237,7 @@ impl herald::postgres::PgHandler for PgEmails {
 struct MySqlEmails;
 
 #[async_trait::async_trait]
-impl herald::mysql::MySqlHandler for MySqlEmails {
+impl herald::mysql::Handler<sqlx::MySql> for MySqlEmails {
     async fn handle(
         &self,
         tx: &mut sqlx::MySqlConnection,
@@ -257,7 +257,7 @@ impl herald::mysql::MySqlHandler for MySqlEmails {
 struct SqliteEmails;
 
 #[async_trait::async_trait]
-impl herald::sqlite::SqliteHandler for SqliteEmails {
+impl herald::sqlite::Handler<sqlx::Sqlite> for SqliteEmails {
     async fn handle(
         &self,
         tx: &mut sqlx::SqliteConnection,

@@ -128,6 +128,49 @@ impl Default for ConsumerConfig {
     }
 }
 
+impl ConsumerConfig {
+    /// Checks that the values can work together; the error says which value to change.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_attempts == 0 || self.max_attempts > 1000 {
+            return Err(Error::config(format!(
+                "consumer max attempts {} must be between 1 and 1000",
+                self.max_attempts
+            )));
+        }
+        if self.retry_initial < Duration::from_millis(1) {
+            return Err(Error::config(format!(
+                "consumer retry_initial {:?} must be at least 1ms (0 retries in a hot loop)",
+                self.retry_initial
+            )));
+        }
+        if self.retry_max < self.retry_initial {
+            return Err(Error::config(format!(
+                "consumer retry_max {:?} must be at least retry_initial {:?}",
+                self.retry_max, self.retry_initial
+            )));
+        }
+        if self.housekeeping_every < Duration::from_millis(10) {
+            return Err(Error::config(format!(
+                "consumer housekeeping_every {:?} must be at least 10ms",
+                self.housekeeping_every
+            )));
+        }
+        if self.inbox_retention < Duration::from_secs(1) {
+            return Err(Error::config(format!(
+                "consumer inbox_retention {:?} must be at least 1s: it is the deduplication window",
+                self.inbox_retention
+            )));
+        }
+        if self.concurrency == 0 || self.concurrency > 1024 {
+            return Err(Error::config(format!(
+                "consumer concurrency {} must be between 1 and 1024",
+                self.concurrency
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Totals since the consumer started.
 #[derive(Debug, Default)]
 pub struct ConsumerCounters {
@@ -170,9 +213,7 @@ impl Consumer {
         subscription: Subscription,
         config: ConsumerConfig,
     ) -> Result<Consumer> {
-        if config.max_attempts == 0 {
-            return Err(Error::config("consumer max attempts must be at least 1"));
-        }
+        config.validate()?;
         if subscription.service.is_empty() {
             return Err(Error::config(
                 "a subscription needs a service name (its consumer group)",

@@ -30,5 +30,5 @@ pub async fn connect(url: &str) -> Result<SqlitePool> {
         .max_connections(4)
         .connect_with(opts)
         .await
-        .map_err(|e| crate::error::db("opening the SQLite database", e))
+        .map_err(|e| herald_sql::db::<crate::SqliteDialect>("opening the SQLite database", e))
 }

@@ -1,4 +1,6 @@
 //! herald on SQLite: the outbox writer, the relay's outbox store, the inbox, and migrations.
+//! The algorithms are herald-sql's, written once; this crate is SQLite's [`Dialect`]: its
+//! claim, its SQL, its error classes and its durability checks.
 //!
 //! ```no_run
 //! # async fn example() -> herald_core::Result<()> {
@@ -17,16 +19,23 @@
 //! ```
 
 mod connect;
-mod consumer;
-mod error;
-mod inbox;
+mod dialect;
 mod migrate;
-mod outbox;
-mod writer;
 
 pub use connect::{connect, connect_options};
-pub use consumer::{SqliteApplier, SqliteHandler};
-pub use inbox::SqliteInbox;
+pub use dialect::SqliteDialect;
+pub use herald_sql::{Dialect, Handler};
 pub use migrate::{MIGRATION, migrate};
-pub use outbox::SqliteOutbox;
-pub use writer::{SqliteOutboxWriter, SqlitePark};
+
+/// The relay's side of a SQLite outbox. SQLite has one writer at a time; claims run in
+/// `BEGIN IMMEDIATE` transactions so that two relays (even in two processes) never see a key as
+/// free at the same time.
+pub type SqliteOutbox = herald_sql::SqlOutbox<SqliteDialect>;
+/// Writes messages into the outbox in the caller's transaction.
+pub type SqliteOutboxWriter = herald_sql::OutboxWriter<SqliteDialect>;
+/// Fallback storage in a SQLite outbox table.
+pub type SqlitePark = herald_sql::Park<SqliteDialect>;
+/// Records handled message ids in the caller's transaction.
+pub type SqliteInbox = herald_sql::Inbox<SqliteDialect>;
+/// The consumer's database side on SQLite, wrapping a [`Handler`]`<sqlx::Sqlite>`.
+pub type SqliteApplier<H> = herald_sql::Applier<SqliteDialect, H>;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Apply, BoxError, Identifier, Message};
-use herald_mysql::{MySqlApplier, MySqlHandler, migrate};
+use herald_mysql::{MySqlApplier, Handler, migrate};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool, Row};
 use uuid::Uuid;
@@ -55,7 +55,7 @@ struct Effects {
 }
 
 #[async_trait]
-impl MySqlHandler for Effects {
+impl Handler<sqlx::MySql> for Effects {
     async fn handle(&self, tx: &mut MySqlConnection, m: &Message) -> Result<(), BoxError> {
         if m.ordering_key.is_some() && m.ordering_key == self.fail_key {
             return Err(format!(

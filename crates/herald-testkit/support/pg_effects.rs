@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Apply, BoxError, Identifier, Message};
-use herald_postgres::{PgApplier, PgHandler, migrate};
+use herald_postgres::{PgApplier, Handler, migrate};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -22,7 +22,7 @@ struct Effects {
 }
 
 #[async_trait]
-impl PgHandler for Effects {
+impl Handler<sqlx::Postgres> for Effects {
     async fn handle(&self, tx: &mut PgConnection, m: &Message) -> Result<(), BoxError> {
         if m.ordering_key.is_some() && m.ordering_key == self.fail_key {
             return Err(format!(

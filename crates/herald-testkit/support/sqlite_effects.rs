@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Apply, BoxError, Identifier, Message};
-use herald_sqlite::{SqliteApplier, SqliteHandler, connect, migrate};
+use herald_sqlite::{SqliteApplier, Handler, connect, migrate};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
@@ -21,7 +21,7 @@ struct Effects {
 }
 
 #[async_trait]
-impl SqliteHandler for Effects {
+impl Handler<sqlx::Sqlite> for Effects {
     async fn handle(&self, tx: &mut SqliteConnection, m: &Message) -> Result<(), BoxError> {
         if m.ordering_key.is_some() && m.ordering_key == self.fail_key {
             return Err(format!(

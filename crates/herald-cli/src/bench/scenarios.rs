@@ -261,14 +261,14 @@ pub struct DbCost {
 struct Noop;
 
 #[async_trait]
-impl herald::postgres::PgHandler for Noop {
+impl herald::postgres::Handler<sqlx::Postgres> for Noop {
     async fn handle(&self, _tx: &mut sqlx::PgConnection, _m: &Message) -> Result<(), BoxError> {
         Ok(())
     }
 }
 
 #[async_trait]
-impl herald::sqlite::SqliteHandler for Noop {
+impl herald::sqlite::Handler<sqlx::Sqlite> for Noop {
     async fn handle(&self, _tx: &mut sqlx::SqliteConnection, _m: &Message) -> Result<(), BoxError> {
         Ok(())
     }

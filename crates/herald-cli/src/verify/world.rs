@@ -324,7 +324,7 @@ impl Effects {
 }
 
 #[async_trait::async_trait]
-impl herald::postgres::PgHandler for Effects {
+impl herald::postgres::Handler<sqlx::Postgres> for Effects {
     async fn handle(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -342,7 +342,7 @@ impl herald::postgres::PgHandler for Effects {
 }
 
 #[async_trait::async_trait]
-impl herald::sqlite::SqliteHandler for Effects {
+impl herald::sqlite::Handler<sqlx::Sqlite> for Effects {
     async fn handle(
         &self,
         tx: &mut sqlx::SqliteConnection,

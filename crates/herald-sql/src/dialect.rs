@@ -1,0 +1,216 @@
+//! What truly differs between the databases: placeholders, time arithmetic, list binding,
+//! upserts, error classification, the claim and the durability checks.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_core::{Claim, Identifier, Result};
+use sqlx::Pool;
+
+use crate::db::{SqlDb, Stmt};
+use crate::migrate::Migration;
+use crate::outbox::SqlOutbox;
+
+/// How an applier decides that a message's version is newer than the last one applied for its
+/// key, and records it.
+pub enum VersionCheck {
+    /// One statement, bound `(consumer, key, version)`, that stores the version and returns a row
+    /// only if it was newer.
+    Upsert(String),
+    /// Read the last version (bound `(consumer, key)`, locking the row), then, if newer, store
+    /// it (bound `(consumer, key, version)`).
+    ReadThenWrite {
+        /// Reads `version`.
+        read: String,
+        /// Stores the version.
+        write: String,
+    },
+}
+
+/// One database's SQL. The generic code in this crate writes portable SQL with `?` placeholders
+/// and identifiers quoted by [`quote`](Dialect::quote); a dialect renders it and supplies the
+/// pieces that differ. Backend crates implement it on a unit struct.
+#[async_trait]
+pub trait Dialect: Sized + Send + Sync + 'static {
+    /// The sqlx database.
+    type DB: SqlDb;
+
+    /// The database's name in messages ("PostgreSQL").
+    const NAME: &'static str;
+
+    /// Whether DDL runs inside a transaction (and rolls back with it).
+    const TRANSACTIONAL_DDL: bool;
+
+    /// Statement run on a pooled connection before the relay's write transactions (a
+    /// per-transaction isolation level), if any.
+    const BEFORE_WRITE_TX: Option<&'static str> = None;
+
+    /// A quoted identifier.
+    fn quote(ident: &Identifier) -> String {
+        format!("\"{ident}\"")
+    }
+
+    /// `sql` with its `?` placeholders in this database's style. The generic SQL never has `?`
+    /// inside a literal.
+    fn render(sql: &str) -> String {
+        sql.to_owned()
+    }
+
+    /// Whether `e` is worth retrying: a lost connection, a pool timeout, a deadlock, a
+    /// serialization failure, a server shutting down.
+    fn is_transient(e: &sqlx::Error) -> bool;
+
+    /// Whether `e` is a unique-key violation.
+    fn is_unique_violation(e: &sqlx::Error) -> bool {
+        e.as_database_error()
+            .is_some_and(|d| d.is_unique_violation())
+    }
+
+    /// Rows a statement touched.
+    fn rows_affected(r: &<Self::DB as sqlx::Database>::QueryResult) -> u64;
+
+    /// The id an `INSERT` assigned, for databases without `INSERT ... RETURNING` (`None` where
+    /// [`RETURNING_ID`](Dialect::RETURNING_ID) is used).
+    fn last_insert_id(r: &<Self::DB as sqlx::Database>::QueryResult) -> Option<i64>;
+
+    /// Whether `INSERT ... RETURNING id` returns the new id.
+    const RETURNING_ID: bool;
+
+    /// An expression for a time column's value from `param`, an integer of microseconds since
+    /// the Unix epoch.
+    fn time_from_micros(param: &str) -> String;
+
+    /// An expression for the database clock plus `param` microseconds (negative for the past),
+    /// in a time column's type.
+    fn now_plus_micros(param: &str) -> String;
+
+    /// The selected expression for time column `col` as [`read_micros`](Dialect::read_micros)
+    /// reads it back.
+    fn select_micros(col: &str) -> String;
+
+    /// Reads the column selected by [`select_micros`](Dialect::select_micros): microseconds since
+    /// the epoch, `Ok(None)` for `NULL`, an error (naming no value) for a time that does not fit.
+    fn read_micros(
+        row: &<Self::DB as sqlx::Database>::Row,
+        col: &str,
+    ) -> std::result::Result<Option<i64>, String>;
+
+    /// `param` as a message id (a UUID column on PostgreSQL, text elsewhere).
+    fn uuid_param(param: &str) -> String {
+        param.to_owned()
+    }
+
+    /// `param` as the headers column (JSON).
+    fn json_param(param: &str) -> String {
+        param.to_owned()
+    }
+
+    /// A text column selected as text (PostgreSQL casts UUID and JSON columns).
+    fn select_text(col: &str) -> String {
+        col.to_owned()
+    }
+
+    /// A bytes column selected as bytes (SQLite casts, since any value may sit in a column).
+    fn select_bytes(col: &str) -> String {
+        col.to_owned()
+    }
+
+    /// The larger of two expressions.
+    fn greatest(a: &str, b: &str) -> String {
+        format!("GREATEST({a}, {b})")
+    }
+
+    /// Text concatenation.
+    fn concat(a: &str, b: &str) -> String {
+        format!("{a} || {b}")
+    }
+
+    /// The boolean literal for true.
+    fn true_literal() -> &'static str {
+        "TRUE"
+    }
+
+    /// A condition that `col` is one of `n` ids, bound by [`bind_ids`](Dialect::bind_ids).
+    fn id_in(col: &str, n: usize) -> String {
+        format!("{col} IN ({})", vec!["?"; n].join(", "))
+    }
+
+    /// Binds the ids of [`id_in`](Dialect::id_in).
+    fn bind_ids(stmt: Stmt<Self::DB>, ids: &[i64]) -> Stmt<Self::DB> {
+        stmt.ints(ids)
+    }
+
+    /// The inbox insert, bound `(consumer, message_id)`: touches no row for a message already
+    /// recorded, or fails with a unique violation that leaves the transaction usable (MySQL).
+    fn inbox_insert(inbox: &str) -> String {
+        format!(
+            "INSERT INTO {inbox} (consumer, message_id) VALUES (?, {}) ON CONFLICT DO NOTHING",
+            Self::uuid_param("?")
+        )
+    }
+
+    /// The start of the statement marking rows published, up to `WHERE lease_token = ?` (the
+    /// generic code appends the id condition).
+    fn complete_head(table: &str) -> String {
+        format!("DELETE FROM {table} WHERE lease_token = ?")
+    }
+
+    /// The start of the statement releasing rows, binding `last_error` then the token.
+    fn release_head(table: &str) -> String {
+        format!(
+            "UPDATE {table} SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, last_error = ? \
+             WHERE lease_token = ?"
+        )
+    }
+
+    /// The version check of [`skip_stale_versions`](crate::Applier::skip_stale_versions).
+    fn version_check(versions: &str) -> VersionCheck {
+        VersionCheck::Upsert(format!(
+            "INSERT INTO {versions} AS v (consumer, ordering_key, version) VALUES (?, ?, ?) \
+             ON CONFLICT (consumer, ordering_key) DO UPDATE SET version = excluded.version \
+             WHERE v.version < excluded.version RETURNING version"
+        ))
+    }
+
+    /// Deletes at most `?` (the last bound value) rows of `table` matching `condition`.
+    fn delete_limited(table: &str, condition: &str) -> String;
+
+    /// The columns of `table`, or `None` if it does not exist; refuses a table the outbox cannot
+    /// live in (MySQL: not InnoDB).
+    async fn table_columns(
+        pool: &Pool<Self::DB>,
+        table: &Identifier,
+    ) -> Result<Option<Vec<String>>>;
+
+    /// Leases up to `max` rows of `outbox` by head-of-key claiming (see
+    /// [`herald_core::store`]), parking rows that cannot be decoded.
+    async fn claim(
+        outbox: &SqlOutbox<Self>,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Claim>;
+
+    /// Settings under which a published event's transaction could vanish in a crash.
+    async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>>;
+
+    /// The versioned migrations, in order.
+    fn migrations() -> &'static [Migration];
+
+    /// The statement that begins a migration's transaction (where DDL is transactional).
+    const MIGRATION_BEGIN: &'static str = "BEGIN";
+
+    /// `CREATE TABLE IF NOT EXISTS` for the table that records applied migrations (`version`
+    /// integer primary key, `description` text, `applied_at` defaulting to now).
+    fn migrations_table(name: &str) -> String;
+
+    /// Takes the lock that keeps concurrent migrations apart, on `conn` (released by
+    /// [`unlock_migrations`](Dialect::unlock_migrations) or at the end of the transaction).
+    async fn lock_migrations(conn: &mut <Self::DB as sqlx::Database>::Connection) -> Result<()>;
+
+    /// Releases the lock of [`lock_migrations`](Dialect::lock_migrations), if it outlives
+    /// transactions.
+    async fn unlock_migrations(conn: &mut <Self::DB as sqlx::Database>::Connection) {
+        let _ = conn;
+    }
+}

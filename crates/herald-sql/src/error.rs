@@ -1,0 +1,46 @@
+//! Mapping sqlx errors onto herald's error, keeping the source.
+
+use herald_core::{BoxError, Error};
+
+use crate::Dialect;
+
+/// Wraps a sqlx error, transient as the dialect classifies it.
+pub fn db<D: Dialect>(context: &str, e: sqlx::Error) -> Error {
+    Error::Database {
+        context: context.to_owned(),
+        transient: D::is_transient(&e),
+        source: Box::new(e),
+    }
+}
+
+/// A handler's error: a database error anywhere in its `source()` chain (a sqlx error the
+/// handler wrapped with context, say) is a database error, transient as the dialect classifies
+/// it, so a lost connection is an outage to wait out, not poison to park. Anything else is the
+/// handler's own failure.
+pub fn handler_error<D: Dialect>(e: BoxError) -> Error {
+    let mut transient = None;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
+    while let Some(err) = cur {
+        if let Some(sqlx_err) = err.downcast_ref::<sqlx::Error>() {
+            transient = Some(D::is_transient(sqlx_err));
+            break;
+        }
+        cur = err.source();
+    }
+    match transient {
+        Some(transient) => Error::Database {
+            context: "running the handler".to_owned(),
+            transient,
+            source: e,
+        },
+        None => Error::Handler { source: e },
+    }
+}
+
+/// A unique violation while moving a row to the dead letters can only be two relays giving a
+/// reused id the same fresh one at once: retrying picks another, so it is transient here (a
+/// permanent error would stop the relay).
+pub(crate) fn dead_letter_error<D: Dialect>(e: sqlx::Error) -> Error {
+    let collided = D::is_unique_violation(&e);
+    db::<D>("dead-lettering an outbox row", e).transient_if(collided)
+}

@@ -1,0 +1,25 @@
+//! herald's storage written once over sqlx: the outbox writer, the relay's side of the outbox,
+//! the inbox and the consumer's apply-once transaction, and versioned migrations.
+//!
+//! Each database crate (`herald-postgres`, `herald-mysql`, `herald-sqlite`) implements
+//! [`Dialect`] (placeholders, time arithmetic, upserts, error classification, its claim and its
+//! durability checks) and names the generic types: `PgOutbox` is `SqlOutbox<Postgres>`, and so
+//! on. Nothing here knows a database by name.
+
+mod applier;
+mod db;
+mod dialect;
+mod error;
+mod inbox;
+mod migrate;
+mod outbox;
+mod writer;
+
+pub use applier::{Applier, Handler};
+pub use db::{SqlDb, Stmt, lossy_text};
+pub use dialect::{Dialect, VersionCheck};
+pub use error::{db, handler_error};
+pub use inbox::Inbox;
+pub use migrate::{Migration, migrate};
+pub use outbox::SqlOutbox;
+pub use writer::{OutboxWriter, Park};

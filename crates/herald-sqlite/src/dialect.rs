@@ -1,0 +1,206 @@
+//! SQLite's SQL: integer microsecond times, JSON id lists, the `BEGIN IMMEDIATE` claim and the
+//! durability checks.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use herald_core::message::to_micros;
+use herald_core::{Claim, Identifier, Lease, Result};
+use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
+
+/// SQLite's [`Dialect`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SqliteDialect;
+
+/// The database clock in microseconds since the epoch, as the migration's defaults write it.
+const NOW_MICROS: &str = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)";
+
+#[async_trait]
+impl Dialect for SqliteDialect {
+    type DB = Sqlite;
+    const NAME: &'static str = "SQLite";
+    const TRANSACTIONAL_DDL: bool = true;
+    const RETURNING_ID: bool = false;
+    const MIGRATION_BEGIN: &'static str = "BEGIN IMMEDIATE";
+
+    /// Lost connections, pool timeouts and busy or locked databases (`SQLITE_BUSY`,
+    /// `SQLITE_LOCKED` and their extended codes).
+    fn is_transient(e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(d) => d
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
+            _ => false,
+        }
+    }
+
+    fn rows_affected(r: &sqlx::sqlite::SqliteQueryResult) -> u64 {
+        r.rows_affected()
+    }
+
+    fn last_insert_id(r: &sqlx::sqlite::SqliteQueryResult) -> Option<i64> {
+        Some(r.last_insert_rowid())
+    }
+
+    fn time_from_micros(param: &str) -> String {
+        param.to_owned()
+    }
+
+    fn now_plus_micros(param: &str) -> String {
+        format!("({NOW_MICROS} + {param})")
+    }
+
+    fn select_micros(col: &str) -> String {
+        col.to_owned()
+    }
+
+    /// Any value may sit in a SQLite column: one that is not an integer is the row's error.
+    fn read_micros(
+        row: &sqlx::sqlite::SqliteRow,
+        col: &str,
+    ) -> std::result::Result<Option<i64>, String> {
+        row.try_get::<Option<i64>, _>(col)
+            .map_err(|_| format!("{col} is not an integer of microseconds since the epoch"))
+    }
+
+    fn select_bytes(col: &str) -> String {
+        format!("CAST({col} AS BLOB)")
+    }
+
+    fn greatest(a: &str, b: &str) -> String {
+        format!("MAX({a}, {b})")
+    }
+
+    fn true_literal() -> &'static str {
+        "1"
+    }
+
+    fn id_in(col: &str, _n: usize) -> String {
+        format!("{col} IN (SELECT value FROM json_each(?))")
+    }
+
+    fn bind_ids(stmt: Stmt<Sqlite>, ids: &[i64]) -> Stmt<Sqlite> {
+        let json = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        stmt.text(&json)
+    }
+
+    fn delete_limited(table: &str, condition: &str) -> String {
+        format!("DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {condition} LIMIT ?)")
+    }
+
+    async fn table_columns(pool: &SqlitePool, table: &Identifier) -> Result<Option<Vec<String>>> {
+        let rows = sqlx::query("SELECT name FROM pragma_table_info(?1)")
+            .bind(table.as_str())
+            .fetch_all(pool)
+            .await
+            .map_err(|e| db::<Self>("reading the table's columns", e))?;
+        let have: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect();
+        Ok((!have.is_empty()).then_some(have))
+    }
+
+    /// Head-of-key claiming in a `BEGIN IMMEDIATE` transaction: a row is free if unleased (or
+    /// its lease expired) and no row of its key is under a live lease; the busy keys are read
+    /// once per claim through the partial index `<table>_leased_idx`. Taking rows in id order
+    /// keeps the claimed rows of each key a prefix of that key's pending rows.
+    async fn claim(
+        outbox: &SqlOutbox<Self>,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Claim> {
+        let handle = Lease::start(lease);
+        let now = to_micros(SystemTime::now());
+        let until = now + lease.as_micros() as i64;
+        let t = outbox.quoted_table();
+        let claim = format!(
+            "UPDATE {t} SET lease_owner = ?1, lease_token = ?2, lease_until = ?3 \
+             WHERE id IN (SELECT o.id FROM {t} o \
+               WHERE (o.lease_until IS NULL OR o.lease_until < ?4) \
+                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {t} e \
+                      WHERE e.lease_until >= ?4 AND e.ordering_key IS NOT NULL)) \
+               ORDER BY o.id LIMIT ?5) \
+             RETURNING {cols}",
+            cols = outbox.claim_columns()
+        );
+        let mut tx = outbox
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(|e| db::<Self>("starting a claim", e))?;
+        let rows = sqlx::query(AssertSqlSafe(claim))
+            .bind(owner)
+            .bind(handle.token)
+            .bind(until)
+            .bind(now)
+            .bind(max as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db::<Self>("claiming outbox rows", e))?;
+        let (rows, parked) = outbox.decode_claimed(&mut tx, &rows).await?;
+        tx.commit()
+            .await
+            .map_err(|e| db::<Self>("committing a claim", e))?;
+        Ok(Claim {
+            lease: handle,
+            rows,
+            parked,
+        })
+    }
+
+    async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {
+        let what = "checking durability settings";
+        let mut conn = outbox
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| db::<Self>(what, e))?;
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| db::<Self>(what, e))?;
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| db::<Self>(what, e))?;
+        let mut warnings = Vec::new();
+        if sync < 2 {
+            warnings.push(format!(
+                "SQLite synchronous={} on the relay's connection: a commit can be lost on power failure after the relay \
+                 published it (a phantom event). Open every connection with synchronous=FULL \
+                 (herald_sqlite::connect_options does).",
+                ["OFF", "NORMAL"][sync.clamp(0, 1) as usize]
+            ));
+        }
+        if !journal.eq_ignore_ascii_case("wal") {
+            warnings.push(format!(
+                "SQLite journal_mode={journal}: the relay's polling blocks writers; use WAL (herald_sqlite::connect_options does)."
+            ));
+        }
+        Ok(warnings)
+    }
+
+    fn migrations() -> &'static [Migration] {
+        crate::migrate::MIGRATIONS
+    }
+
+    fn migrations_table(name: &str) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {name} (version INTEGER PRIMARY KEY, description TEXT NOT NULL, \
+             applied_at INTEGER NOT NULL DEFAULT ({NOW_MICROS}))"
+        )
+    }
+
+    async fn lock_migrations(_conn: &mut sqlx::SqliteConnection) -> Result<()> {
+        // `BEGIN IMMEDIATE` (MIGRATION_BEGIN) already holds the database's write lock.
+        Ok(())
+    }
+}
