@@ -1,5 +1,6 @@
 //! herald on MySQL 8 and MariaDB 10.6+: the outbox writer, the relay's outbox store, the inbox,
-//! and migrations. Tables are InnoDB; claims use `FOR UPDATE SKIP LOCKED`.
+//! and migrations. Tables are InnoDB; claims use `FOR UPDATE SKIP LOCKED`. The algorithms are
+//! herald-sql's, written once; this crate is MySQL's [`Dialect`].
 //!
 //! ```no_run
 //! # async fn example() -> herald_core::Result<()> {
@@ -17,15 +18,20 @@
 //! # Ok(()) }
 //! ```
 
-mod consumer;
-mod error;
-mod inbox;
+mod dialect;
 mod migrate;
-mod outbox;
-mod writer;
 
-pub use consumer::{MySqlApplier, MySqlHandler};
-pub use inbox::MySqlInbox;
+pub use dialect::MySqlDialect;
+pub use herald_sql::{Dialect, Handler};
 pub use migrate::{MIGRATION, migrate};
-pub use outbox::MySqlOutbox;
-pub use writer::{MySqlOutboxWriter, MySqlPark};
+
+/// The relay's side of a MySQL or MariaDB outbox (see [`MySqlDialect`] for its claim).
+pub type MySqlOutbox = herald_sql::SqlOutbox<MySqlDialect>;
+/// Writes messages into the outbox in the caller's transaction.
+pub type MySqlOutboxWriter = herald_sql::OutboxWriter<MySqlDialect>;
+/// Fallback storage in a MySQL outbox table.
+pub type MySqlPark = herald_sql::Park<MySqlDialect>;
+/// Records handled message ids in the caller's transaction.
+pub type MySqlInbox = herald_sql::Inbox<MySqlDialect>;
+/// The consumer's database side on MySQL, wrapping a [`Handler`]`<sqlx::MySql>`.
+pub type MySqlApplier<H> = herald_sql::Applier<MySqlDialect, H>;

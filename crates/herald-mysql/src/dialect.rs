@@ -1,0 +1,356 @@
+//! MySQL's SQL: backquoted names, `TIMESTAMPADD` times, duplicate-key inbox inserts, the
+//! `SKIP LOCKED` claim and the durability checks.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_core::{Claim, Error, Identifier, Lease, Result};
+use herald_sql::{Dialect, Migration, SqlOutbox, VersionCheck, db};
+use sqlx::mysql::{MySqlDatabaseError, MySqlRow};
+use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, MySqlPool, Row};
+
+/// MySQL's and MariaDB's [`Dialect`].
+///
+/// A claim is one short `READ COMMITTED` transaction:
+///
+/// 1. read the keys that are busy (a row under a live lease or waiting out a retry delay);
+/// 2. lock the first free rows of the other keys in id order with `FOR UPDATE SKIP LOCKED`, so a
+///    claim never waits behind an application transaction still inserting rows, nor behind
+///    another relay's claim;
+/// 3. check that each taken row is the head of its key: a lower-id committed row of the key that
+///    step 2 skipped (locked by someone else at that moment) holds the key's later rows back;
+/// 4. write the lease and commit.
+///
+/// Step 3 is what keeps per-key order without serialising claims: two relays can claim at the
+/// same time, and neither can take a key's second row while its first is free or in flight.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MySqlDialect;
+
+/// Server error numbers that mean "try again": deadlock (1213), lock wait timeout (1205), too many
+/// connections (1040), server shutdown (1053), connection killed (1927, MariaDB), query
+/// interrupted (1317), read-only during a failover (1290, 1836), idle disconnect (4031, MySQL).
+const TRANSIENT: [u16; 9] = [1213, 1205, 1040, 1053, 1927, 1317, 1290, 1836, 4031];
+
+/// `?, ?, ?` for `n` values.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+#[async_trait]
+impl Dialect for MySqlDialect {
+    type DB = MySql;
+    const NAME: &'static str = "MySQL";
+    const TRANSACTIONAL_DDL: bool = false;
+    const RETURNING_ID: bool = false;
+    /// READ COMMITTED: the claim's locking read takes no gap locks (producers' inserts never
+    /// wait on a claim), its plain reads see the latest commits, and the dead-letter move's reads
+    /// of the dead-letter table (for a reused id) do not gap-lock, which made two relays
+    /// dead-lettering at once deadlock under REPEATABLE READ.
+    const BEFORE_WRITE_TX: Option<&'static str> =
+        Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED");
+
+    fn quote(ident: &Identifier) -> String {
+        format!("`{ident}`")
+    }
+
+    fn is_transient(e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(d) => d
+                .try_downcast_ref::<MySqlDatabaseError>()
+                .is_some_and(|m| TRANSIENT.contains(&m.number())),
+            _ => false,
+        }
+    }
+
+    fn is_unique_violation(e: &sqlx::Error) -> bool {
+        matches!(e, sqlx::Error::Database(d)
+            if d.try_downcast_ref::<MySqlDatabaseError>().is_some_and(|m| m.number() == 1062))
+    }
+
+    fn rows_affected(r: &sqlx::mysql::MySqlQueryResult) -> u64 {
+        r.rows_affected()
+    }
+
+    fn last_insert_id(r: &sqlx::mysql::MySqlQueryResult) -> Option<i64> {
+        i64::try_from(r.last_insert_id()).ok()
+    }
+
+    fn time_from_micros(param: &str) -> String {
+        format!("TIMESTAMPADD(MICROSECOND, {param}, '1970-01-01 00:00:00')")
+    }
+
+    fn now_plus_micros(param: &str) -> String {
+        format!("TIMESTAMPADD(MICROSECOND, {param}, UTC_TIMESTAMP(6))")
+    }
+
+    fn select_micros(col: &str) -> String {
+        format!("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col})")
+    }
+
+    fn read_micros(row: &MySqlRow, col: &str) -> std::result::Result<Option<i64>, String> {
+        row.try_get::<Option<i64>, _>(col)
+            .map_err(|e| e.to_string())
+    }
+
+    fn concat(a: &str, b: &str) -> String {
+        format!("CONCAT({a}, {b})")
+    }
+
+    /// A plain `INSERT`, not `INSERT IGNORE`: IGNORE would also turn a too-long consumer name
+    /// into a silent truncation. A duplicate key (error 1062) does not abort a MySQL
+    /// transaction, so it is caught and read as "already handled".
+    fn inbox_insert(inbox: &str) -> String {
+        format!("INSERT INTO {inbox} (consumer, message_id) VALUES (?, ?)")
+    }
+
+    fn version_check(versions: &str) -> VersionCheck {
+        VersionCheck::ReadThenWrite {
+            read: format!(
+                "SELECT version FROM {versions} WHERE consumer = ? AND ordering_key = ? FOR UPDATE"
+            ),
+            write: format!(
+                "INSERT INTO {versions} (consumer, ordering_key, version) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE version = GREATEST(version, VALUES(version))"
+            ),
+        }
+    }
+
+    fn delete_limited(table: &str, condition: &str) -> String {
+        format!("DELETE FROM {table} WHERE {condition} LIMIT ?")
+    }
+
+    /// The columns, after checking the table is transactional (InnoDB): a MyISAM outbox would
+    /// keep the rows of rolled-back transactions.
+    async fn table_columns(pool: &MySqlPool, table: &Identifier) -> Result<Option<Vec<String>>> {
+        let engine: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+        )
+        .bind(table.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| db::<Self>("reading the table's engine", e))?;
+        let Some(engine) = engine else {
+            return Ok(None);
+        };
+        let engine = engine.unwrap_or_default();
+        if !engine.eq_ignore_ascii_case("InnoDB") {
+            return Err(Error::Schema {
+                table: table.to_string(),
+                detail: format!(
+                    "the table uses the {engine} engine, which is not transactional: rows of rolled-back \
+                     transactions would be published. Convert it with ALTER TABLE `{table}` ENGINE = InnoDB"
+                ),
+            });
+        }
+        let have: Vec<String> = sqlx::query_scalar(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+        )
+        .bind(table.as_str())
+        .fetch_all(pool)
+        .await
+        .map_err(|e| db::<Self>("reading the table's columns", e))?;
+        Ok(Some(have))
+    }
+
+    async fn claim(
+        outbox: &SqlOutbox<Self>,
+        owner: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Claim> {
+        let handle = Lease::start(lease);
+        let t = outbox.quoted_table();
+        let mut conn = outbox
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| db::<Self>("starting a claim", e))?;
+        sqlx::query(Self::BEFORE_WRITE_TX.unwrap_or_default())
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| db::<Self>("starting a claim", e))?;
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(|e| db::<Self>("starting a claim", e))?;
+        let busy: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT DISTINCT ordering_key FROM {t} \
+             WHERE lease_until >= UTC_TIMESTAMP(6) AND ordering_key IS NOT NULL"
+        )))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| db::<Self>("reading the keys in flight", e))?;
+        let filter = if busy.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "AND (ordering_key IS NULL OR ordering_key NOT IN ({}))",
+                marks(busy.len())
+            )
+        };
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {cols}, ordering_key AS claim_key FROM {t} \
+             WHERE (lease_until IS NULL OR lease_until < UTC_TIMESTAMP(6)) {filter} \
+             ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
+            cols = outbox.claim_columns()
+        )));
+        for k in &busy {
+            q = q.bind(k);
+        }
+        let rows = q
+            .bind(max as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| db::<Self>("claiming outbox rows", e))?;
+        let candidates: Vec<(i64, Option<String>)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get("id").unwrap_or_default(),
+                    r.try_get("claim_key").ok().flatten(),
+                )
+            })
+            .collect();
+        let blocked = blocked_from(&mut tx, t, &candidates).await?;
+        let heads: Vec<MySqlRow> = rows
+            .into_iter()
+            .zip(&candidates)
+            .filter(|(_, (seq, key))| {
+                key.as_ref()
+                    .and_then(|k| blocked.get(k))
+                    .is_none_or(|from| seq <= from)
+            })
+            .map(|(r, _)| r)
+            .collect();
+        let (claimed, parked) = outbox.decode_claimed(&mut tx, &heads).await?;
+        if !claimed.is_empty() {
+            let sql = format!(
+                "UPDATE {t} SET lease_owner = ?, lease_token = ?, \
+                 lease_until = TIMESTAMPADD(MICROSECOND, ?, UTC_TIMESTAMP(6)) WHERE id IN ({})",
+                marks(claimed.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql))
+                .bind(owner)
+                .bind(handle.token)
+                .bind(lease.as_micros() as i64);
+            for row in &claimed {
+                q = q.bind(row.seq);
+            }
+            q.execute(&mut *tx)
+                .await
+                .map_err(|e| db::<Self>("leasing outbox rows", e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| db::<Self>("committing a claim", e))?;
+        Ok(Claim {
+            lease: handle,
+            rows: claimed,
+            parked,
+        })
+    }
+
+    async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {
+        let row = sqlx::query(
+            "SELECT CAST(@@innodb_flush_log_at_trx_commit AS SIGNED), CAST(@@sync_binlog AS SIGNED), \
+             CAST(@@log_bin AS SIGNED)",
+        )
+        .fetch_one(outbox.pool())
+        .await
+        .map_err(|e| db::<Self>("checking durability settings", e))?;
+        let (flush, sync_binlog, log_bin): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        let mut warnings = Vec::new();
+        if flush != 1 {
+            warnings.push(format!(
+                "MySQL innodb_flush_log_at_trx_commit={flush}: a transaction the relay already published can vanish \
+                 in a server crash (a phantom event). Set innodb_flush_log_at_trx_commit=1."
+            ));
+        }
+        if log_bin == 1 && sync_binlog != 1 {
+            warnings.push(format!(
+                "MySQL sync_binlog={sync_binlog} with the binary log on: after a crash or a failover to a replica, \
+                 a transaction the relay already published can be missing (a phantom event). Set sync_binlog=1."
+            ));
+        }
+        Ok(warnings)
+    }
+
+    fn migrations() -> &'static [Migration] {
+        crate::migrate::MIGRATIONS
+    }
+
+    fn migrations_table(name: &str) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {name} (version BIGINT PRIMARY KEY, description VARCHAR(255) NOT NULL, \
+             applied_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)) ENGINE = InnoDB"
+        )
+    }
+
+    async fn lock_migrations(conn: &mut MySqlConnection) -> Result<()> {
+        let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('herald-migrate', 60)")
+            .fetch_one(conn)
+            .await
+            .map_err(|e| db::<Self>("locking for the migration", e))?;
+        if locked != Some(1) {
+            return Err(Error::Timeout {
+                what: "waiting for another `herald migrate` to finish (named lock herald-migrate)"
+                    .to_owned(),
+                after: Duration::from_secs(60),
+            });
+        }
+        Ok(())
+    }
+
+    async fn unlock_migrations(conn: &mut MySqlConnection) {
+        let _ = sqlx::query("DO RELEASE_LOCK('herald-migrate')")
+            .execute(conn)
+            .await;
+    }
+}
+
+/// Of the locked candidate rows (in id order), the keys whose rows must be held back from some
+/// id on, because a committed row of the key with a lower id was not among them.
+async fn blocked_from(
+    conn: &mut MySqlConnection,
+    table: &str,
+    candidates: &[(i64, Option<String>)],
+) -> Result<HashMap<String, i64>> {
+    let mut keys: Vec<&str> = candidates
+        .iter()
+        .filter_map(|(_, k)| k.as_deref())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let Some(max_id) = candidates.iter().map(|(id, _)| *id).max() else {
+        return Ok(HashMap::new());
+    };
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = format!(
+        "SELECT ordering_key, MIN(id) FROM {table} WHERE id < ? AND ordering_key IN ({}) AND id NOT IN ({}) \
+         GROUP BY ordering_key",
+        marks(keys.len()),
+        marks(candidates.len())
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(max_id);
+    for k in &keys {
+        q = q.bind(*k);
+    }
+    for (id, _) in candidates {
+        q = q.bind(*id);
+    }
+    let rows = q
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| db::<MySqlDialect>("checking claimed rows are the heads of their keys", e))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| Some((r.try_get::<String, _>(0).ok()?, r.try_get::<i64, _>(1).ok()?)))
+        .collect())
+}
