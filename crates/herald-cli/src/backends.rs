@@ -155,14 +155,13 @@ pub async fn open_store(db: &Database, table: &Identifier) -> Result<Arc<dyn Out
     })
 }
 
-/// Creates herald's tables.
-pub async fn migrate(db: &Database, table: &Identifier) -> Result<()> {
-    match db {
+/// Creates or upgrades herald's tables; returns the migration versions applied.
+pub async fn migrate(db: &Database, table: &Identifier) -> Result<Vec<i64>> {
+    Ok(match db {
         Database::Postgres(pool) => herald::postgres::migrate(pool, table).await?,
         Database::Sqlite(pool) => herald::sqlite::migrate(pool, table).await?,
         Database::MySql(pool) => herald::mysql::migrate(pool, table).await?,
-    }
-    Ok(())
+    })
 }
 
 /// The broker at `url`: `amqp://` or `amqps://` for RabbitMQ, `nats://` for NATS JetStream,

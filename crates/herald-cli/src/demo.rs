@@ -80,7 +80,7 @@ impl Demo {
                 .await?;
             }
         }
-        backends::migrate(&self.db, &self.table).await
+        backends::migrate(&self.db, &self.table).await.map(drop)
     }
 
     /// One business transaction: `order_sql` and the event, committed or rolled back together.

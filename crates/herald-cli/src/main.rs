@@ -160,7 +160,15 @@ async fn migrate(args: DbArgs) -> anyhow::Result<ExitCode> {
     let url = backends::parse_url("database", &args.database)?;
     let table = herald::Identifier::new(&args.table)?;
     let db = backends::open_database(&url, None).await?;
-    backends::migrate(&db, &table).await?;
-    println!("migrated {url}: tables {table}, {table}_dead_letter, {table}_inbox are ready");
+    let applied = backends::migrate(&db, &table).await?;
+    let versions = if applied.is_empty() {
+        "already up to date".to_owned()
+    } else {
+        let v: Vec<String> = applied.iter().map(i64::to_string).collect();
+        format!("applied migration {}", v.join(", "))
+    };
+    println!(
+        "migrated {url} ({versions}): tables {table}, {table}_dead_letter, {table}_inbox are ready"
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,9 @@
 //!   [`OutboxStore::record_rejection`] only touch rows whose lease token still matches; they report
 //!   how many rows they touched so the relay can tell that its lease was lost.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 

@@ -43,12 +43,13 @@ use sqlx::{Row, SqliteConnection};
 
 const SCHEMA: &str = include_str!("schema.sql");
 
+/// A sqlx error of the broker's file, classified as herald-sqlite classifies it (one rule for
+/// both: busy and locked databases, lost connections and pool timeouts are transient).
 fn db(context: &str, e: sqlx::Error) -> Error {
-    let transient = matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
-        || matches!(&e, sqlx::Error::Database(d) if d.code().and_then(|c| c.parse::<i64>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6)));
+    use herald_sqlite::Dialect;
     Error::Database {
         context: format!("embedded broker: {context}"),
-        transient,
+        transient: herald_sqlite::SqliteDialect::is_transient(&e),
         source: Box::new(e),
     }
 }

@@ -351,6 +351,11 @@ async fn blocked_from(
         .map_err(|e| db::<MySqlDialect>("checking claimed rows are the heads of their keys", e))?;
     Ok(rows
         .iter()
-        .filter_map(|r| Some((r.try_get::<String, _>(0).ok()?, r.try_get::<i64, _>(1).ok()?)))
+        .filter_map(|r| {
+            Some((
+                r.try_get::<String, _>(0).ok()?,
+                r.try_get::<i64, _>(1).ok()?,
+            ))
+        })
         .collect())
 }

@@ -123,7 +123,9 @@ impl Dialect for PgDialect {
     }
 
     fn delete_limited(table: &str, condition: &str) -> String {
-        format!("DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE {condition} LIMIT ?)")
+        format!(
+            "DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE {condition} LIMIT ?)"
+        )
     }
 
     async fn table_columns(pool: &PgPool, table: &Identifier) -> Result<Option<Vec<String>>> {

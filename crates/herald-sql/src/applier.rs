@@ -11,11 +11,11 @@ use herald_core::store::RawRow;
 use herald_core::{BoxError, Error, Identifier, Message, Result};
 use sqlx::Pool;
 
+use crate::Dialect;
 use crate::db::{SqlDb, Stmt};
 use crate::dialect::VersionCheck;
 use crate::error::{db, handler_error};
 use crate::inbox::Inbox;
-use crate::Dialect;
 
 /// A consumer's handler: runs inside the inbox transaction, so its writes (including outbox
 /// messages it sends next) commit together with the inbox record, or not at all.
@@ -145,8 +145,8 @@ impl<D: Dialect, H: Handler<D::DB>> Applier<D, H> {
                     .await
                     .map_err(|e| db::<D>(what, e))?;
                 if let Some(row) = last {
-                    let last = <D::DB as SqlDb>::get_i64(&row, "version")
-                        .map_err(|e| db::<D>(what, e))?;
+                    let last =
+                        <D::DB as SqlDb>::get_i64(&row, "version").map_err(|e| db::<D>(what, e))?;
                     if last >= version {
                         return Ok(false);
                     }
@@ -181,7 +181,10 @@ impl<D: Dialect, H> Applier<D, H> {
         }
     }
 
-    fn replay_row(&self, r: &<D::DB as sqlx::Database>::Row) -> std::result::Result<RawRow, String> {
+    fn replay_row(
+        &self,
+        r: &<D::DB as sqlx::Database>::Row,
+    ) -> std::result::Result<RawRow, String> {
         let e = |e: sqlx::Error| e.to_string();
         Ok(RawRow {
             seq: <D::DB as SqlDb>::get_i64(r, "id").map_err(e)?,

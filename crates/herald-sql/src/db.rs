@@ -3,7 +3,9 @@
 
 use futures_util::future::BoxFuture;
 use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type};
+use sqlx::{
+    AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Row, Type,
+};
 
 /// A sqlx database herald can store into: it binds and reads integers, text and bytes, and its
 /// connections execute queries. Implemented for every such database; nothing to implement.
@@ -19,13 +21,25 @@ pub trait SqlDb: Database {
         q: Query<'static, Self, Self::Arguments>,
     ) -> BoxFuture<'c, Result<Vec<Self::Row>, sqlx::Error>>;
     /// Binds an integer.
-    fn bind_i64(q: Query<'static, Self, Self::Arguments>, v: i64) -> Query<'static, Self, Self::Arguments>;
+    fn bind_i64(
+        q: Query<'static, Self, Self::Arguments>,
+        v: i64,
+    ) -> Query<'static, Self, Self::Arguments>;
     /// Binds text.
-    fn bind_text(q: Query<'static, Self, Self::Arguments>, v: &str) -> Query<'static, Self, Self::Arguments>;
+    fn bind_text(
+        q: Query<'static, Self, Self::Arguments>,
+        v: &str,
+    ) -> Query<'static, Self, Self::Arguments>;
     /// Binds text or `NULL`.
-    fn bind_opt_text(q: Query<'static, Self, Self::Arguments>, v: Option<&str>) -> Query<'static, Self, Self::Arguments>;
+    fn bind_opt_text(
+        q: Query<'static, Self, Self::Arguments>,
+        v: Option<&str>,
+    ) -> Query<'static, Self, Self::Arguments>;
     /// Binds bytes.
-    fn bind_bytes(q: Query<'static, Self, Self::Arguments>, v: &[u8]) -> Query<'static, Self, Self::Arguments>;
+    fn bind_bytes(
+        q: Query<'static, Self, Self::Arguments>,
+        v: &[u8],
+    ) -> Query<'static, Self, Self::Arguments>;
     /// Reads an integer column.
     fn get_i64(row: &Self::Row, col: &str) -> Result<i64, sqlx::Error>;
     /// Reads an integer column that may be `NULL`.
@@ -70,19 +84,31 @@ where
         Box::pin(async move { q.fetch_all(conn).await })
     }
 
-    fn bind_i64(q: Query<'static, Self, Self::Arguments>, v: i64) -> Query<'static, Self, Self::Arguments> {
+    fn bind_i64(
+        q: Query<'static, Self, Self::Arguments>,
+        v: i64,
+    ) -> Query<'static, Self, Self::Arguments> {
         q.bind(v)
     }
 
-    fn bind_text(q: Query<'static, Self, Self::Arguments>, v: &str) -> Query<'static, Self, Self::Arguments> {
+    fn bind_text(
+        q: Query<'static, Self, Self::Arguments>,
+        v: &str,
+    ) -> Query<'static, Self, Self::Arguments> {
         q.bind(v)
     }
 
-    fn bind_opt_text(q: Query<'static, Self, Self::Arguments>, v: Option<&str>) -> Query<'static, Self, Self::Arguments> {
+    fn bind_opt_text(
+        q: Query<'static, Self, Self::Arguments>,
+        v: Option<&str>,
+    ) -> Query<'static, Self, Self::Arguments> {
         q.bind(v)
     }
 
-    fn bind_bytes(q: Query<'static, Self, Self::Arguments>, v: &[u8]) -> Query<'static, Self, Self::Arguments> {
+    fn bind_bytes(
+        q: Query<'static, Self, Self::Arguments>,
+        v: &[u8],
+    ) -> Query<'static, Self, Self::Arguments> {
         q.bind(v)
     }
 
@@ -131,26 +157,37 @@ impl<DB: SqlDb> Stmt<DB> {
 
     /// Binds an integer.
     pub fn int(self, v: i64) -> Stmt<DB> {
-        Stmt { q: DB::bind_i64(self.q, v) }
+        Stmt {
+            q: DB::bind_i64(self.q, v),
+        }
     }
 
     /// Binds text.
     pub fn text(self, v: &str) -> Stmt<DB> {
-        Stmt { q: DB::bind_text(self.q, v) }
+        Stmt {
+            q: DB::bind_text(self.q, v),
+        }
     }
 
     /// Binds text or `NULL`.
     pub fn opt_text(self, v: Option<&str>) -> Stmt<DB> {
-        Stmt { q: DB::bind_opt_text(self.q, v) }
+        Stmt {
+            q: DB::bind_opt_text(self.q, v),
+        }
     }
 
     /// Binds bytes.
     pub fn bytes(self, v: &[u8]) -> Stmt<DB> {
-        Stmt { q: DB::bind_bytes(self.q, v) }
+        Stmt {
+            q: DB::bind_bytes(self.q, v),
+        }
     }
 
     /// Binds with sqlx directly, for a value only one database knows (a PostgreSQL array).
-    pub fn with(self, bind: impl FnOnce(Query<'static, DB, DB::Arguments>) -> Query<'static, DB, DB::Arguments>) -> Stmt<DB> {
+    pub fn with(
+        self,
+        bind: impl FnOnce(Query<'static, DB, DB::Arguments>) -> Query<'static, DB, DB::Arguments>,
+    ) -> Stmt<DB> {
         Stmt { q: bind(self.q) }
     }
 

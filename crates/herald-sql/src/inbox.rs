@@ -6,9 +6,9 @@ use std::sync::Arc;
 use herald_core::{Identifier, Result};
 use uuid::Uuid;
 
+use crate::Dialect;
 use crate::db::Stmt;
 use crate::error::db;
-use crate::Dialect;
 
 /// Records handled message ids in the caller's transaction.
 pub struct Inbox<D> {
@@ -27,7 +27,9 @@ impl<D> Clone for Inbox<D> {
 
 impl<D> std::fmt::Debug for Inbox<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbox").field("insert", &self.insert).finish()
+        f.debug_struct("Inbox")
+            .field("insert", &self.insert)
+            .finish()
     }
 }
 

@@ -4,9 +4,9 @@
 use herald_core::{Error, Identifier, Result};
 use sqlx::{Connection, Pool};
 
+use crate::Dialect;
 use crate::db::{SqlDb, Stmt};
 use crate::error::db;
-use crate::Dialect;
 
 /// One migration: a version (applied in increasing order), a description and its SQL, written
 /// for the default table name `herald_outbox` (every `herald_outbox` in it names the configured
@@ -90,7 +90,10 @@ async fn apply_all<D: Dialect>(
         .collect::<std::result::Result<_, _>>()
         .map_err(run("reading the applied migrations"))?;
     let known = D::migrations();
-    if let Some(newer) = done.iter().find(|v| !known.iter().any(|m| m.version == **v)) {
+    if let Some(newer) = done
+        .iter()
+        .find(|v| !known.iter().any(|m| m.version == **v))
+    {
         return Err(Error::Schema {
             table: table.to_string(),
             detail: format!(
@@ -109,7 +112,10 @@ async fn apply_all<D: Dialect>(
                 .execute(&mut *conn)
                 .await
                 .map_err(|e| {
-                    db::<D>(&format!("running migration {} ({})", m.version, m.description), e)
+                    db::<D>(
+                        &format!("running migration {} ({})", m.version, m.description),
+                        e,
+                    )
                 })?;
         }
         Stmt::<D::DB>::new(&insert)

@@ -13,9 +13,9 @@ use herald_core::{
 };
 use sqlx::{Connection, Pool};
 
+use crate::Dialect;
 use crate::db::{SqlDb, Stmt, lossy_text};
 use crate::error::{db, dead_letter_error};
-use crate::Dialect;
 
 type Conn<D> = <<D as Dialect>::DB as sqlx::Database>::Connection;
 type DbRow<D> = <<D as Dialect>::DB as sqlx::Database>::Row;
@@ -204,15 +204,15 @@ impl<D: Dialect> SqlOutbox<D> {
         }
         stmt = D::bind_ids(stmt.int(lease.token), seqs);
         let mut conn = self.pool.acquire().await.map_err(|e| db::<D>(what, e))?;
-        let done = stmt.execute(&mut conn).await.map_err(|e| db::<D>(what, e))?;
+        let done = stmt
+            .execute(&mut conn)
+            .await
+            .map_err(|e| db::<D>(what, e))?;
         Ok(D::rows_affected(&done))
     }
 
     /// Begins one of the relay's write transactions on `conn`.
-    async fn begin<'c>(
-        conn: &'c mut Conn<D>,
-        what: &str,
-    ) -> Result<sqlx::Transaction<'c, D::DB>> {
+    async fn begin<'c>(conn: &'c mut Conn<D>, what: &str) -> Result<sqlx::Transaction<'c, D::DB>> {
         if let Some(before) = D::BEFORE_WRITE_TX {
             Stmt::<D::DB>::new(before)
                 .execute(&mut *conn)
@@ -317,7 +317,9 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
                 .await
                 .map_err(|e| db::<D>(what, e))?;
             let attempts = match row {
-                Some(r) => <D::DB as SqlDb>::get_i32(&r, "attempts").map_err(|e| db::<D>(what, e))?,
+                Some(r) => {
+                    <D::DB as SqlDb>::get_i32(&r, "attempts").map_err(|e| db::<D>(what, e))?
+                }
                 None => 0,
             };
             if i64::from(attempts) >= i64::from(max_attempts) {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use herald_core::{Error, Identifier, Kind, Message, Result};
 use sqlx::Pool;
 
+use crate::Dialect;
 use crate::db::{SqlDb, Stmt};
 use crate::error::db;
-use crate::Dialect;
 
 type Conn<D> = <<D as Dialect>::DB as sqlx::Database>::Connection;
 
@@ -32,7 +32,9 @@ impl<D> Clone for OutboxWriter<D> {
 
 impl<D> std::fmt::Debug for OutboxWriter<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboxWriter").field("insert", &self.insert).finish()
+        f.debug_struct("OutboxWriter")
+            .field("insert", &self.insert)
+            .finish()
     }
 }
 
@@ -60,9 +62,8 @@ impl<D: Dialect> OutboxWriter<D> {
     pub async fn enqueue(&self, conn: &mut Conn<D>, message: &Message) -> Result<i64> {
         // Refuse here what the relay would dead-letter: the producer hears of it at once.
         message.check_cloudevents().map_err(Error::unpublishable)?;
-        let headers = serde_json::to_string(&message.headers).map_err(|e| {
-            Error::unpublishable(format!("headers do not serialise as JSON: {e}"))
-        })?;
+        let headers = serde_json::to_string(&message.headers)
+            .map_err(|e| Error::unpublishable(format!("headers do not serialise as JSON: {e}")))?;
         let stmt = Stmt::<D::DB>::new(&self.insert)
             .text(&message.id.to_string())
             .text(message.kind.as_str())

@@ -91,7 +91,9 @@ impl Dialect for SqliteDialect {
     }
 
     fn delete_limited(table: &str, condition: &str) -> String {
-        format!("DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {condition} LIMIT ?)")
+        format!(
+            "DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {condition} LIMIT ?)"
+        )
     }
 
     async fn table_columns(pool: &SqlitePool, table: &Identifier) -> Result<Option<Vec<String>>> {

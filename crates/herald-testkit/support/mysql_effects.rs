@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Apply, BoxError, Identifier, Message};
-use herald_mysql::{MySqlApplier, Handler, migrate};
+use herald_mysql::{Handler, MySqlApplier, migrate};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool, Row};
 use uuid::Uuid;

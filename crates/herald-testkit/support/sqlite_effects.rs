@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Apply, BoxError, Identifier, Message};
-use herald_sqlite::{SqliteApplier, Handler, connect, migrate};
+use herald_sqlite::{Handler, SqliteApplier, connect, migrate};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 

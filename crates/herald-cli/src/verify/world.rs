@@ -116,6 +116,7 @@ pub async fn teardown(db: &Database, t: &Tables) {
             format!("{o}_inbox"),
             format!("{o}_inbox_version"),
             format!("{o}_consumer_dead_letter"),
+            format!("{o}_migrations"),
         ] {
             let _ = sqlx::query(AssertSqlSafe(format!(
                 "DROP TABLE IF EXISTS {table} CASCADE"
