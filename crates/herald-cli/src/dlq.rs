@@ -112,25 +112,35 @@ fn tables(table: &str) -> Result<Tables> {
 
 fn placeholder(db: &Database, n: usize) -> String {
     match db {
+        #[cfg(feature = "postgres")]
         Database::Postgres(_) => format!("${n}"),
+        #[cfg(feature = "sqlite")]
         Database::Sqlite(_) => format!("?{n}"),
         // Positional only: the callers bind in the order the placeholders appear.
+        #[cfg(feature = "mysql")]
         Database::MySql(_) => "?".to_owned(),
     }
 }
 
 fn micros_of(db: &Database, col: &str) -> String {
     match db {
+        #[cfg(feature = "postgres")]
         Database::Postgres(_) => format!("(extract(epoch FROM {col}) * 1000000)::bigint"),
+        #[cfg(feature = "sqlite")]
         Database::Sqlite(_) => col.to_owned(),
+        #[cfg(feature = "mysql")]
         Database::MySql(_) => format!("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col})"),
     }
 }
 
 fn int_of(db: &Database, col: &str) -> String {
     match db {
+        #[cfg(feature = "mysql")]
         Database::MySql(_) => format!("CAST({col} AS SIGNED)"),
-        Database::Postgres(_) | Database::Sqlite(_) => format!("CAST({col} AS BIGINT)"),
+        #[cfg(feature = "postgres")]
+        Database::Postgres(_) => format!("CAST({col} AS BIGINT)"),
+        #[cfg(feature = "sqlite")]
+        Database::Sqlite(_) => format!("CAST({col} AS BIGINT)"),
     }
 }
 
@@ -164,8 +174,12 @@ where
 
 fn text_of(db: &Database, col: &str) -> String {
     match db {
+        #[cfg(feature = "postgres")]
         Database::Postgres(_) => format!("{col}::text"),
-        Database::Sqlite(_) | Database::MySql(_) => col.to_owned(),
+        #[cfg(feature = "sqlite")]
+        Database::Sqlite(_) => col.to_owned(),
+        #[cfg(feature = "mysql")]
+        Database::MySql(_) => col.to_owned(),
     }
 }
 
@@ -221,8 +235,11 @@ fn where_clause(db: &Database, side: Side, f: &Filter) -> Result<(String, Vec<Va
 macro_rules! on_db {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
+            #[cfg(feature = "postgres")]
             Database::Postgres($pool) => $body,
+            #[cfg(feature = "sqlite")]
             Database::Sqlite($pool) => $body,
+            #[cfg(feature = "mysql")]
             Database::MySql($pool) => $body,
         }
     };
@@ -486,14 +503,17 @@ async fn replay_one(db: &Database, t: &Tables, side: Side, id: i64) -> Result<bo
         }
         Side::Consumer => {
             let mark = match db {
+                #[cfg(feature = "postgres")]
                 Database::Postgres(_) => format!(
                     "UPDATE \"{}\" SET replay_requested = true WHERE id = $1 AND message_id IS NOT NULL",
                     t.consumer
                 ),
+                #[cfg(feature = "sqlite")]
                 Database::Sqlite(_) => format!(
                     "UPDATE \"{}\" SET replay_requested = 1 WHERE id = ?1 AND message_id IS NOT NULL",
                     t.consumer
                 ),
+                #[cfg(feature = "mysql")]
                 Database::MySql(_) => format!(
                     "UPDATE \"{}\" SET replay_requested = TRUE WHERE id = ? AND message_id IS NOT NULL",
                     t.consumer

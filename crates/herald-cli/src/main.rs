@@ -1,21 +1,26 @@
-//! The `herald` command: migrate, relay, status, replay, dlq, demo, bench, verify.
+//! The `herald` command: migrate, relay, status, replay, dlq; with the `lab` feature (the
+//! default) also demo, bench and verify.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-mod backends;
-mod bench;
-mod demo;
+#[cfg(not(any(feature = "postgres", feature = "sqlite", feature = "mysql")))]
+compile_error!("herald needs at least one database feature: postgres, sqlite or mysql");
+
+use herald::connect as backends;
+#[cfg(feature = "lab")]
+use herald_lab::{bench, demo, verify};
+
 mod dlq;
 mod relay;
 mod replay;
 mod status;
-mod verify;
 
-/// herald: never fail to publish an event. A transactional outbox relay for PostgreSQL and SQLite,
-/// publishing to RabbitMQ, NATS JetStream or an embedded broker.
+/// herald: never fail to publish an event. A transactional outbox relay for PostgreSQL, MySQL,
+/// MariaDB and SQLite, publishing to RabbitMQ, NATS JetStream, Kafka, Redis Streams or an
+/// embedded broker (the backends this build was compiled with).
 #[derive(Parser)]
 #[command(name = "herald", version, about)]
 struct Cli {
@@ -44,13 +49,16 @@ enum Command {
     /// Rewind a consumer group on a log broker (embedded, NATS) to deliver events again.
     Replay(replay::ReplayArgs),
     /// Run the order story end to end and check that nothing was lost, phantom or out of order.
+    #[cfg(feature = "lab")]
     Demo(demo::DemoArgs),
     /// List, show, replay or purge dead letters (relay side and consumer side).
     Dlq(dlq::DlqArgs),
     /// Measure drain rate, latency, producer tax and database cost against same-run baselines.
+    #[cfg(feature = "lab")]
     Bench(bench::BenchArgs),
     /// Prove the guarantees on your own database and broker: a workload under injected faults,
     /// checked for loss, phantoms, reordering and double effects, beside the naive ways.
+    #[cfg(feature = "lab")]
     Verify(verify::VerifyArgs),
 }
 
@@ -75,9 +83,12 @@ fn main() -> ExitCode {
             Command::Relay(args) => relay::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Replay(args) => replay::run(args).await,
+            #[cfg(feature = "lab")]
             Command::Demo(args) => demo::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            #[cfg(feature = "lab")]
             Command::Bench(args) => bench::run(args).await,
+            #[cfg(feature = "lab")]
             Command::Verify(args) => verify::run(args).await,
         }
     });
@@ -128,7 +139,9 @@ fn init_logging(command: &Command, format: LogFormat) {
     // it. Verify reports the faults it injects itself.
     // async-nats logs every connection the verify faults break at ERROR.
     let default_filter = match command {
+        #[cfg(feature = "lab")]
         Command::Verify(_) => "error,async_nats=off",
+        #[cfg(feature = "lab")]
         Command::Demo(_) | Command::Bench(_) => "error",
         _ => "warn,herald=info,herald_core=info",
     };

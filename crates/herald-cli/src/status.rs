@@ -109,16 +109,19 @@ async fn consumer_dead_letters(
     let t = table.with_suffix("_consumer_dead_letter")?;
     let sql = format!("SELECT COUNT(*) FROM \"{t}\"");
     Ok(match db {
+        #[cfg(feature = "postgres")]
         backends::Database::Postgres(p) => {
             sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                 .fetch_one(p)
                 .await?
         }
+        #[cfg(feature = "sqlite")]
         backends::Database::Sqlite(p) => {
             sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                 .fetch_one(p)
                 .await?
         }
+        #[cfg(feature = "mysql")]
         backends::Database::MySql(p) => {
             sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                 .fetch_one(p)

@@ -68,3 +68,5 @@ pub use herald_redis as redis;
 /// Kafka transport (builds librdkafka).
 #[cfg(feature = "kafka")]
 pub use herald_kafka as kafka;
+
+pub mod connect;

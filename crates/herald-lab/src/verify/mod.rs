@@ -25,7 +25,7 @@ use herald_testkit::verify::{
 };
 use herald_testkit::{ChaosProxy, History};
 
-use crate::backends::{self, Database, parse_duration};
+use herald::connect::{self as backends, Database, parse_duration};
 use procs::{BrokerProc, RelayProc, RelaySpec};
 use world::{Carry, Plan, Step, Tables};
 
@@ -110,6 +110,7 @@ struct Env {
     caps: Capabilities,
 }
 
+/// Runs `herald verify`.
 pub async fn run(args: VerifyArgs) -> Result<ExitCode> {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let modes = args

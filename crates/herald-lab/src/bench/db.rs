@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use anyhow::Result;
 use herald::{Identifier, Message};
 
-use crate::backends::Database;
+use herald::connect::Database;
 
 /// The database under test, with the business table and the outbox writer.
 pub struct BenchDb {
@@ -28,7 +28,7 @@ pub struct PgCounters {
 impl BenchDb {
     pub async fn new(db: Database, schema: Option<String>) -> Result<BenchDb> {
         let table = Identifier::new("herald_outbox")?;
-        crate::backends::migrate(&db, &table).await?;
+        herald::connect::migrate(&db, &table).await?;
         let ddl = "CREATE TABLE bench_orders (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL, note TEXT NOT NULL)";
         match &db {
             Database::Postgres(p) => {

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::db::BenchDb;
 use super::timing::{Percentiles, TimingApply, TimingTransport, Timings};
-use crate::backends::Database;
+use herald::connect::Database;
 
 /// What a scenario needs: the database, the broker, names, knobs.
 pub struct Env {

@@ -19,7 +19,7 @@ use herald::{
 use herald_testkit::verify::RecordingTransport;
 use herald_testkit::{FlakyTransport, History};
 
-use crate::backends::{self, Database};
+use herald::connect::{self as backends, Database};
 
 /// Flags of `herald demo`.
 #[derive(Args)]
@@ -80,7 +80,8 @@ impl Demo {
                 .await?;
             }
         }
-        backends::migrate(&self.db, &self.table).await.map(drop)
+        backends::migrate(&self.db, &self.table).await?;
+        Ok(())
     }
 
     /// One business transaction: `order_sql` and the event, committed or rolled back together.
@@ -292,6 +293,7 @@ fn seq_of(m: &Message) -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs `herald demo`.
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
     let mut rng = fastrand::Rng::with_seed(seed);

@@ -10,7 +10,7 @@ use anyhow::Result;
 use herald::{Identifier, Message};
 use sqlx::AssertSqlSafe;
 
-use crate::backends::Database;
+use herald::connect::Database;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds.
 macro_rules! on_pool {
@@ -70,7 +70,7 @@ pub fn event(topic: &str, agg: &str, version: i64) -> Message {
 
 /// Creates herald's tables and the workload's, and the `keys` aggregates.
 pub async fn setup(db: &Database, t: &Tables, keys: usize) -> Result<()> {
-    crate::backends::migrate(db, &t.outbox).await?;
+    herald::connect::migrate(db, &t.outbox).await?;
     let serial = match db {
         Database::Postgres(_) => "BIGSERIAL PRIMARY KEY",
         Database::Sqlite(_) => "INTEGER PRIMARY KEY AUTOINCREMENT",

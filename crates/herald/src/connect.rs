@@ -1,10 +1,16 @@
-//! Turning URLs from flags and environment into stores and transports.
+//! Opening databases, outbox stores and brokers from URLs: what `herald relay` does with its
+//! flags, for services that configure herald the same way (one URL per thing).
+//!
+//! Each scheme is there when its backend's feature is on: `postgres://`, `mysql://` (and
+//! `mariadb://`), `sqlite://` for databases; `amqp://` and `amqps://` (RabbitMQ), `nats://` and
+//! `tls://` (NATS JetStream), `kafka://` (Kafka), `redis://` (Redis Streams) and `sqlite://`
+//! (the embedded broker) for brokers.
 
 use std::sync::Arc;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use herald::{Identifier, OutboxStore, SecretUrl, Transport};
+use herald_core::{Error, Identifier, OutboxStore, Result, SecretUrl, Transport};
 
 /// The embedded broker file used when the database is SQLite and no `--broker` is given.
 pub const DEFAULT_BROKER: &str = "sqlite://herald-broker.db";
@@ -14,17 +20,15 @@ pub const DEFAULT_BROKER: &str = "sqlite://herald-broker.db";
 /// rows deleted as "published" while no service ever sees them.
 pub fn broker_or_default(broker: Option<&str>, database: &SecretUrl) -> Result<String> {
     match broker {
-        Some(b) if b.trim().is_empty() => Err(herald::Error::config(
+        Some(b) if b.trim().is_empty() => Err(Error::config(
             "--broker (or HERALD_BROKER_URL) is empty: give the broker URL",
-        )
-        .into()),
+        )),
         Some(b) => Ok(b.to_owned()),
         None if database.scheme() == "sqlite" => Ok(DEFAULT_BROKER.to_owned()),
-        None => Err(herald::Error::config(format!(
+        None => Err(Error::config(format!(
             "--broker is required with a {} database (amqp://, nats://, kafka://, redis:// or sqlite://path for the embedded broker)",
             database.scheme()
-        ))
-        .into()),
+        ))),
     }
 }
 
@@ -53,7 +57,7 @@ fn check_broker_params(url: &SecretUrl) -> Result<()> {
     for (name, _) in url.url().query_pairs() {
         if !allowed.contains(&name.as_ref()) {
             let name: String = name.chars().take(40).collect();
-            return Err(herald::Error::config(format!(
+            return Err(Error::config(format!(
                 "broker URL parameter {name:?} is not supported for {}:// ({hint}); supported: {}",
                 url.scheme(),
                 if allowed.is_empty() {
@@ -61,8 +65,7 @@ fn check_broker_params(url: &SecretUrl) -> Result<()> {
                 } else {
                     allowed.join(", ")
                 }
-            ))
-            .into());
+            )));
         }
     }
     Ok(())
@@ -72,11 +75,14 @@ fn check_broker_params(url: &SecretUrl) -> Result<()> {
 #[derive(Clone)]
 pub enum Database {
     /// PostgreSQL.
+    #[cfg(feature = "postgres")]
     Postgres(sqlx::PgPool),
     /// SQLite.
+    #[cfg(feature = "sqlite")]
     Sqlite(sqlx::SqlitePool),
     /// MySQL or MariaDB. Connections run with `ANSI_QUOTES`, so the CLI's own SQL can quote
     /// identifiers with `"` on every database.
+    #[cfg(feature = "mysql")]
     MySql(sqlx::MySqlPool),
 }
 
@@ -89,9 +95,10 @@ pub fn parse_url(what: &str, raw: &str) -> Result<SecretUrl> {
 /// MySQL it is the database to use.
 pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Database> {
     match url.scheme() {
+        #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
             let mut opts: sqlx::postgres::PgConnectOptions = url.expose().parse().map_err(|e| {
-                anyhow::anyhow!("database URL {url} is not a valid PostgreSQL URL: {e}")
+                Error::config(format!("database URL {url} is not a valid PostgreSQL URL: {e}"))
             })?;
             if let Some(schema) = schema {
                 opts = opts.options([("search_path", schema)]);
@@ -101,13 +108,14 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await
-                .with_context(|| format!("cannot connect to the database at {url}"))?;
+                .map_err(|e| Error::unavailable(format!("the database at {url}"), e))?;
             Ok(Database::Postgres(pool))
         }
+        #[cfg(feature = "mysql")]
         "mysql" | "mariadb" => {
             let raw = url.expose().replacen("mariadb://", "mysql://", 1);
             let mut opts: sqlx::mysql::MySqlConnectOptions = raw.parse().map_err(|e| {
-                anyhow::anyhow!("database URL {url} is not a valid MySQL URL: {e}")
+                Error::config(format!("database URL {url} is not a valid MySQL URL: {e}"))
             })?;
             if let Some(schema) = schema {
                 opts = opts.database(schema);
@@ -125,32 +133,34 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
                 })
                 .connect_with(opts)
                 .await
-                .with_context(|| format!("cannot connect to the database at {url}"))?;
+                .map_err(|e| Error::unavailable(format!("the database at {url}"), e))?;
             Ok(Database::MySql(pool))
         }
+        #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Database::Sqlite(
-            herald::sqlite::connect(url.expose())
-                .await
-                .with_context(|| format!("cannot open the database at {url}"))?,
+            herald_sqlite::connect(url.expose())
+                .await?,
         )),
-        other => Err(herald::Error::config(format!(
+        other => Err(Error::config(format!(
             "database URL scheme {other:?} is not supported: use postgres://..., mysql://... or sqlite://path"
-        ))
-        .into()),
+        ))),
     }
 }
 
 /// The relay's view of the outbox in `table`.
 pub async fn open_store(db: &Database, table: &Identifier) -> Result<Arc<dyn OutboxStore>> {
     Ok(match db {
+        #[cfg(feature = "postgres")]
         Database::Postgres(pool) => {
-            Arc::new(herald::postgres::PgOutbox::new(pool.clone(), table.clone()).await?)
+            Arc::new(herald_postgres::PgOutbox::new(pool.clone(), table.clone()).await?)
         }
+        #[cfg(feature = "sqlite")]
         Database::Sqlite(pool) => {
-            Arc::new(herald::sqlite::SqliteOutbox::new(pool.clone(), table.clone()).await?)
+            Arc::new(herald_sqlite::SqliteOutbox::new(pool.clone(), table.clone()).await?)
         }
+        #[cfg(feature = "mysql")]
         Database::MySql(pool) => {
-            Arc::new(herald::mysql::MySqlOutbox::new(pool.clone(), table.clone()).await?)
+            Arc::new(herald_mysql::MySqlOutbox::new(pool.clone(), table.clone()).await?)
         }
     })
 }
@@ -158,9 +168,12 @@ pub async fn open_store(db: &Database, table: &Identifier) -> Result<Arc<dyn Out
 /// Creates or upgrades herald's tables; returns the migration versions applied.
 pub async fn migrate(db: &Database, table: &Identifier) -> Result<Vec<i64>> {
     Ok(match db {
-        Database::Postgres(pool) => herald::postgres::migrate(pool, table).await?,
-        Database::Sqlite(pool) => herald::sqlite::migrate(pool, table).await?,
-        Database::MySql(pool) => herald::mysql::migrate(pool, table).await?,
+        #[cfg(feature = "postgres")]
+        Database::Postgres(pool) => herald_postgres::migrate(pool, table).await?,
+        #[cfg(feature = "sqlite")]
+        Database::Sqlite(pool) => herald_sqlite::migrate(pool, table).await?,
+        #[cfg(feature = "mysql")]
+        Database::MySql(pool) => herald_mysql::migrate(pool, table).await?,
     })
 }
 
@@ -169,48 +182,52 @@ pub async fn migrate(db: &Database, table: &Identifier) -> Result<Vec<i64>> {
 pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
     check_broker_params(url)?;
     match url.scheme() {
+        #[cfg(feature = "rabbitmq")]
         "amqp" | "amqps" => {
-            let t = herald::rabbitmq::RabbitTransport::new(url.clone())?;
+            let t = herald_rabbitmq::RabbitTransport::new(url.clone())?;
             // A wrong user or password is fatal now; an unreachable broker is retried later.
             match t.check().await {
-                Err(e @ herald::Error::Config(_)) => return Err(e.into()),
+                Err(e @ Error::Config(_)) => return Err(e),
                 Err(e) => tracing::warn!(error = %e.chain(), "RabbitMQ not reachable yet; the relay retries"),
                 Ok(()) => {}
             }
             Ok(Arc::new(t))
         }
+        #[cfg(feature = "nats")]
         "nats" | "tls" => Ok(Arc::new(
-            herald::nats::NatsTransport::connect(url.clone()).await?,
+            herald_nats::NatsTransport::connect(url.clone()).await?,
         )),
         // `kafka://mock`: librdkafka's in-process mock cluster, for trying herald out without a
         // Kafka (it lives as long as this process and keeps nothing).
+        #[cfg(feature = "kafka")]
         "kafka" if url.expose().trim_end_matches('/') == "kafka://mock" => {
-            let cluster = herald::kafka::MockKafka::start(3)?;
+            let cluster = herald_kafka::MockKafka::start(3)?;
             let real = parse_url("broker", &cluster.url())?;
             // Kept for the life of the process: the cluster stops when dropped.
             std::mem::forget(cluster);
             Ok(Arc::new(
-                herald::kafka::KafkaTransport::connect(real)
+                herald_kafka::KafkaTransport::connect(real)
                     .await?
                     .with_topic_creation(false),
             ))
         }
+        #[cfg(feature = "kafka")]
         "kafka" => Ok(Arc::new(
-            herald::kafka::KafkaTransport::connect(url.clone()).await?,
+            herald_kafka::KafkaTransport::connect(url.clone()).await?,
         )),
-        "rediss" => Err(herald::Error::config(
+        "rediss" => Err(Error::config(
             "rediss:// (Redis over TLS) is not supported by this build; use redis:// on a trusted network or a TLS tunnel",
-        )
-        .into()),
+        )),
+        #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(
-            herald::redis::RedisTransport::connect(url.clone()).await?,
+            herald_redis::RedisTransport::connect(url.clone()).await?,
         )),
+        #[cfg(feature = "embedded")]
         "sqlite" => Ok(Arc::new(
-            herald::embedded::EmbeddedTransport::open(url.expose())
-                .await
-                .with_context(|| format!("cannot open the embedded broker at {url}"))?,
+            herald_embedded::EmbeddedTransport::open(url.expose())
+                .await?,
         )),
-        other => Err(herald::Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream), kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster), redis://... (Redis Streams) or sqlite://path (embedded)")).into()),
+        other => Err(Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream), kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster), redis://... (Redis Streams) or sqlite://path (embedded)"))),
     }
 }
 

@@ -15,7 +15,7 @@ use anyhow::Result;
 use clap::Args;
 use herald::RelayConfig;
 
-use crate::backends::{self, Database, parse_duration};
+use herald::connect::{self as backends, Database, parse_duration};
 use db::BenchDb;
 use scenarios::Env;
 
@@ -70,6 +70,7 @@ pub struct BenchArgs {
     out: std::path::PathBuf,
 }
 
+/// Runs `herald bench`.
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let tmp = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -149,12 +150,19 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
 
 /// Everything measured in one run.
 pub struct Results {
+    /// The broker's own publish rate (no database), the drain's baseline.
     pub raw_publish: Option<scenarios::Rate>,
+    /// The database's rate for the relay's statements alone (no broker).
     pub db_ceiling: Option<scenarios::Rate>,
+    /// The relay draining a backlog.
     pub drain: Option<scenarios::Rate>,
+    /// Commit-to-delivery latency at steady rates.
     pub steady: Vec<scenarios::Steady>,
+    /// Producers' business transactions without an outbox.
     pub business: Option<scenarios::Rate>,
+    /// The same transactions writing the outbox.
     pub with_outbox: Option<scenarios::Rate>,
+    /// Publishing straight to the broker after the commit (the naive way), and its latency.
     pub naive: Option<(scenarios::Rate, timing::Percentiles)>,
 }
 
