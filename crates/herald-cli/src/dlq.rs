@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use herald::message::{from_micros, rfc3339, to_micros};
-use sqlx::Row;
+use herald::dead_letters::{self as dl, DeadLetterAdmin};
+use herald::message::{from_micros, rfc3339};
 
-use crate::backends::{self, Database, parse_duration};
+use crate::backends::{self, parse_duration};
 
 /// `herald dlq` and its subcommands.
 #[derive(Args)]
@@ -53,7 +53,7 @@ enum DlqCommand {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Side {
     /// The relay's dead letters (`<table>_dead_letter`).
     Relay,
@@ -92,216 +92,27 @@ struct Filter {
     limit: i64,
 }
 
-enum Val {
-    Text(String),
-    Int(i64),
-}
-
-struct Tables {
-    relay: String,
-    consumer: String,
-}
-
-fn tables(table: &str) -> Result<Tables> {
-    let t = herald::Identifier::new(table)?;
-    Ok(Tables {
-        relay: t.with_suffix("_dead_letter")?.to_string(),
-        consumer: t.with_suffix("_consumer_dead_letter")?.to_string(),
-    })
-}
-
-fn placeholder(db: &Database, n: usize) -> String {
-    match db {
-        #[cfg(feature = "postgres")]
-        Database::Postgres(_) => format!("${n}"),
-        #[cfg(feature = "sqlite")]
-        Database::Sqlite(_) => format!("?{n}"),
-        // Positional only: the callers bind in the order the placeholders appear.
-        #[cfg(feature = "mysql")]
-        Database::MySql(_) => "?".to_owned(),
-    }
-}
-
-fn micros_of(db: &Database, col: &str) -> String {
-    match db {
-        #[cfg(feature = "postgres")]
-        Database::Postgres(_) => format!("(extract(epoch FROM {col}) * 1000000)::bigint"),
-        #[cfg(feature = "sqlite")]
-        Database::Sqlite(_) => col.to_owned(),
-        #[cfg(feature = "mysql")]
-        Database::MySql(_) => format!("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col})"),
-    }
-}
-
-fn int_of(db: &Database, col: &str) -> String {
-    match db {
-        #[cfg(feature = "mysql")]
-        Database::MySql(_) => format!("CAST({col} AS SIGNED)"),
-        #[cfg(feature = "postgres")]
-        Database::Postgres(_) => format!("CAST({col} AS BIGINT)"),
-        #[cfg(feature = "sqlite")]
-        Database::Sqlite(_) => format!("CAST({col} AS BIGINT)"),
-    }
-}
-
-/// A text column as text, whatever a producer managed to put there: SQLite keeps any value in
-/// any column (invalid UTF-8, a BLOB, a number), and a dead letter is exactly where such rows
-/// end up. Bytes that are not UTF-8 are shown lossily and flagged; nothing panics.
-fn text<R: Row>(r: &R, col: &str) -> String
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-{
-    if let Ok(Some(s)) = r.try_get::<Option<String>, _>(col) {
-        return s;
-    }
-    if let Ok(Some(b)) = r.try_get_unchecked::<Option<Vec<u8>>, _>(col) {
-        return match String::from_utf8(b) {
-            Ok(s) => s,
-            Err(e) => format!(
-                "{} [not UTF-8: {} bytes, shown lossily]",
-                String::from_utf8_lossy(e.as_bytes()),
-                e.as_bytes().len()
-            ),
-        };
-    }
-    if let Ok(Some(s)) = r.try_get_unchecked::<Option<String>, _>(col) {
-        return s;
-    }
-    String::new()
-}
-
-fn text_of(db: &Database, col: &str) -> String {
-    match db {
-        #[cfg(feature = "postgres")]
-        Database::Postgres(_) => format!("{col}::text"),
-        #[cfg(feature = "sqlite")]
-        Database::Sqlite(_) => col.to_owned(),
-        #[cfg(feature = "mysql")]
-        Database::MySql(_) => col.to_owned(),
-    }
-}
-
-/// `WHERE ...` for `filter` on `side`, with its bind values in order.
-fn where_clause(db: &Database, side: Side, f: &Filter) -> Result<(String, Vec<Val>)> {
-    let mut conds = Vec::new();
-    let mut vals = Vec::new();
-    let mut add = |cond: String, val: Val, vals: &mut Vec<Val>| {
-        vals.push(val);
-        conds.push(cond.replace('#', &placeholder(db, vals.len())));
-    };
-    if let Some(id) = f.id {
-        add("id = #".into(), Val::Int(id), &mut vals);
-    }
-    if let Some(d) = &f.destination {
-        add("destination = #".into(), Val::Text(d.clone()), &mut vals);
-    }
-    if let Some(t) = &f.message_type {
-        add("message_type = #".into(), Val::Text(t.clone()), &mut vals);
-    }
-    if let Some(c) = &f.consumer {
-        if side == Side::Relay {
-            bail!("--consumer only applies to --side consumer");
+impl Side {
+    fn of(self) -> dl::Side {
+        match self {
+            Side::Relay => dl::Side::Relay,
+            Side::Consumer => dl::Side::Consumer,
         }
-        add("consumer = #".into(), Val::Text(c.clone()), &mut vals);
     }
-    let now = to_micros(SystemTime::now());
-    let at = micros_of(db, "dead_lettered_at");
-    if let Some(d) = f.older_than {
-        add(
-            format!("{at} < #"),
-            Val::Int(now - d.as_micros() as i64),
-            &mut vals,
-        );
-    }
-    if let Some(d) = f.newer_than {
-        add(
-            format!("{at} >= #"),
-            Val::Int(now - d.as_micros() as i64),
-            &mut vals,
-        );
-    }
-    let clause = if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", conds.join(" AND "))
-    };
-    Ok((clause, vals))
 }
 
-/// Runs `$body` with `$pool` bound to the PostgreSQL or the SQLite pool: the same code, compiled
-/// once per database type.
-macro_rules! on_db {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match $db {
-            #[cfg(feature = "postgres")]
-            Database::Postgres($pool) => $body,
-            #[cfg(feature = "sqlite")]
-            Database::Sqlite($pool) => $body,
-            #[cfg(feature = "mysql")]
-            Database::MySql($pool) => $body,
+impl Filter {
+    fn query(&self) -> dl::Filter {
+        dl::Filter {
+            id: self.id,
+            destination: self.destination.clone(),
+            message_type: self.message_type.clone(),
+            consumer: self.consumer.clone(),
+            older_than: self.older_than,
+            newer_than: self.newer_than,
+            limit: (self.limit < i64::MAX).then_some(self.limit.max(1) as u64),
         }
-    };
-}
-
-macro_rules! bind_all {
-    ($q:expr, $vals:expr) => {{
-        let mut q = $q;
-        for v in $vals {
-            q = match v {
-                Val::Text(s) => q.bind(s.clone()),
-                Val::Int(i) => q.bind(*i),
-            };
-        }
-        q
-    }};
-}
-
-struct Listed {
-    side: Side,
-    id: i64,
-    consumer: String,
-    destination: String,
-    message_type: String,
-    key: String,
-    attempts: i64,
-    at: i64,
-    reason: String,
-}
-
-async fn list_side(db: &Database, t: &Tables, side: Side, f: &Filter) -> Result<Vec<Listed>> {
-    let (clause, vals) = where_clause(db, side, f)?;
-    let (table, consumer) = match side {
-        Side::Relay => (&t.relay, "''".to_owned()),
-        Side::Consumer => (&t.consumer, "consumer".to_owned()),
-    };
-    let sql = format!(
-        "SELECT id, {consumer} AS consumer, destination, message_type, COALESCE(ordering_key, '') AS k, \
-         {} AS attempts, {} AS at, reason FROM \"{table}\"{clause} ORDER BY id LIMIT {}",
-        int_of(db, "attempts"),
-        micros_of(db, "dead_lettered_at"),
-        f.limit.max(1)
-    );
-    let rows = on_db!(db, |pool| {
-        let q = bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql.clone())), &vals);
-        q.fetch_all(pool)
-            .await?
-            .iter()
-            .map(|r| Listed {
-                side,
-                id: r.get("id"),
-                consumer: text(r, "consumer"),
-                destination: text(r, "destination"),
-                message_type: text(r, "message_type"),
-                key: text(r, "k"),
-                attempts: r.try_get("attempts").unwrap_or_default(),
-                at: r.try_get("at").unwrap_or_default(),
-                reason: text(r, "reason"),
-            })
-            .collect::<Vec<_>>()
-    });
-    Ok(rows)
+    }
 }
 
 fn sides(f: &Filter) -> Vec<Side> {
@@ -312,12 +123,11 @@ fn sides(f: &Filter) -> Vec<Side> {
     }
 }
 
-async fn open(db: &crate::DbArgs) -> Result<(Database, Tables)> {
+async fn open(db: &crate::DbArgs) -> Result<Box<dyn DeadLetterAdmin>> {
     let url = backends::parse_url("database", &db.database)?;
-    Ok((
-        backends::open_database(&url, None).await?,
-        tables(&db.table)?,
-    ))
+    let table = herald::Identifier::new(&db.table)?;
+    let database = backends::open_database(&url, None).await?;
+    Ok(backends::dead_letters(&database, &table)?)
 }
 
 fn age(micros: i64) -> String {
@@ -341,13 +151,14 @@ fn short(s: &str, n: usize) -> String {
     }
 }
 
+/// Runs `herald dlq`.
 pub async fn run(args: DlqArgs) -> Result<ExitCode> {
     match args.command {
         DlqCommand::List(f) => {
-            let (db, t) = open(&f.db).await?;
+            let admin = open(&f.db).await?;
             let mut all = Vec::new();
             for side in sides(&f) {
-                all.extend(list_side(&db, &t, side, &f).await?);
+                all.extend(admin.list(side.of(), &f.query()).await?);
             }
             println!(
                 "{:<8} {:>6} {:<16} {:<24} {:<18} {:<14} {:>4} {:>5}  reason",
@@ -356,7 +167,7 @@ pub async fn run(args: DlqArgs) -> Result<ExitCode> {
             for l in &all {
                 println!(
                     "{:<8} {:>6} {:<16} {:<24} {:<18} {:<14} {:>4} {:>5}  {}",
-                    if l.side == Side::Relay {
+                    if l.side == dl::Side::Relay {
                         "relay"
                     } else {
                         "consumer"
@@ -367,7 +178,7 @@ pub async fn run(args: DlqArgs) -> Result<ExitCode> {
                     short(&l.message_type, 18),
                     short(&l.key, 14),
                     l.attempts,
-                    age(l.at),
+                    age(l.parked_at_micros),
                     short(&l.reason, 80)
                 );
             }
@@ -375,16 +186,16 @@ pub async fn run(args: DlqArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DlqCommand::Show { db, side, id } => {
-            let (db, t) = open(&db).await?;
-            show(&db, &t, side, id).await
+            let admin = open(&db).await?;
+            show(admin.as_ref(), side, id).await
         }
         DlqCommand::Replay { mut filter, yes } => {
             filter.limit = i64::MAX;
-            let (db, t) = open(&filter.db).await?;
+            let admin = open(&filter.db).await?;
             let side = filter.side.ok_or_else(|| {
                 herald::Error::config("replay needs --side relay or --side consumer")
             })?;
-            let rows = list_side(&db, &t, side, &filter).await?;
+            let rows = admin.list(side.of(), &filter.query()).await?;
             if rows.is_empty() {
                 println!("no dead letters match");
                 return Ok(ExitCode::SUCCESS);
@@ -399,7 +210,7 @@ pub async fn run(args: DlqArgs) -> Result<ExitCode> {
             for r in &rows {
                 // One transaction per dead letter: a replay interrupted half-way leaves each row
                 // either still parked or back in the outbox, never lost.
-                if replay_one(&db, &t, side, r.id).await? {
+                if admin.replay(side.of(), r.id).await? {
                     done += 1;
                 } else {
                     skipped += 1;
@@ -418,11 +229,11 @@ pub async fn run(args: DlqArgs) -> Result<ExitCode> {
         }
         DlqCommand::Purge { mut filter, yes } => {
             filter.limit = i64::MAX;
-            let (db, t) = open(&filter.db).await?;
+            let admin = open(&filter.db).await?;
             let side = filter.side.ok_or_else(|| {
                 herald::Error::config("purge needs --side relay or --side consumer")
             })?;
-            let n = list_side(&db, &t, side, &filter).await?.len();
+            let n = admin.list(side.of(), &filter.query()).await?.len();
             if n == 0 {
                 println!("no dead letters match");
                 return Ok(ExitCode::SUCCESS);
@@ -433,20 +244,7 @@ pub async fn run(args: DlqArgs) -> Result<ExitCode> {
             )? {
                 return Ok(ExitCode::from(1));
             }
-            let f = &filter;
-            let (clause, vals) = where_clause(&db, side, f)?;
-            let table = if side == Side::Relay {
-                &t.relay
-            } else {
-                &t.consumer
-            };
-            let sql = format!("DELETE FROM \"{table}\"{clause}");
-            let deleted = on_db!(&db, |pool| {
-                bind_all!(sqlx::query(sqlx::AssertSqlSafe(sql.clone())), &vals)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
-            });
+            let deleted = admin.purge(side.of(), &filter.query()).await?;
             println!("purged {deleted}");
             Ok(ExitCode::SUCCESS)
         }
@@ -474,134 +272,36 @@ fn confirm(question: &str, yes: bool) -> Result<bool> {
     Ok(line.trim() == "yes")
 }
 
-/// Replays one dead letter. Returns false if it cannot be (an undecodable consumer-side one).
-async fn replay_one(db: &Database, t: &Tables, side: Side, id: i64) -> Result<bool> {
-    let p1 = placeholder(db, 1);
-    match side {
-        Side::Relay => {
-            let outbox = t.relay.strip_suffix("_dead_letter").expect("derived name");
-            let insert = format!(
-                "INSERT INTO \"{outbox}\" (message_id, kind, message_type, source, destination, ordering_key, headers, \
-                 content_type, payload, created_at) SELECT message_id, kind, message_type, source, destination, \
-                 ordering_key, headers, content_type, payload, created_at FROM \"{}\" WHERE id = {p1}",
-                t.relay
-            );
-            let delete = format!("DELETE FROM \"{}\" WHERE id = {p1}", t.relay);
-            on_db!(db, |pool| {
-                let mut tx = pool.begin().await?;
-                sqlx::query(sqlx::AssertSqlSafe(insert.clone()))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(sqlx::AssertSqlSafe(delete.clone()))
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-            });
-            Ok(true)
-        }
-        Side::Consumer => {
-            let mark = match db {
-                #[cfg(feature = "postgres")]
-                Database::Postgres(_) => format!(
-                    "UPDATE \"{}\" SET replay_requested = true WHERE id = $1 AND message_id IS NOT NULL",
-                    t.consumer
-                ),
-                #[cfg(feature = "sqlite")]
-                Database::Sqlite(_) => format!(
-                    "UPDATE \"{}\" SET replay_requested = 1 WHERE id = ?1 AND message_id IS NOT NULL",
-                    t.consumer
-                ),
-                #[cfg(feature = "mysql")]
-                Database::MySql(_) => format!(
-                    "UPDATE \"{}\" SET replay_requested = TRUE WHERE id = ? AND message_id IS NOT NULL",
-                    t.consumer
-                ),
-            };
-            let n = on_db!(db, |pool| {
-                sqlx::query(sqlx::AssertSqlSafe(mark.clone()))
-                    .bind(id)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
-            });
-            Ok(n == 1)
-        }
-    }
-}
-
-async fn show(db: &Database, t: &Tables, side: Side, id: i64) -> Result<ExitCode> {
-    let table = if side == Side::Relay {
-        &t.relay
-    } else {
-        &t.consumer
-    };
-    let consumer = if side == Side::Relay {
-        "''"
-    } else {
-        "consumer"
-    };
-    let sql = format!(
-        "SELECT {consumer} AS consumer, COALESCE({}, '') AS message_id, kind, message_type, source, destination, \
-         COALESCE(ordering_key, '') AS k, {} AS headers, content_type, payload, {} AS attempts, \
-         reason, {} AS at FROM \"{table}\" WHERE id = {}",
-        text_of(db, "message_id"),
-        text_of(db, "headers"),
-        int_of(db, "attempts"),
-        micros_of(db, "dead_lettered_at"),
-        placeholder(db, 1)
-    );
-    let printed = on_db!(db, |pool| {
-        match sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?
-        {
-            None => false,
-            Some(r) => {
-                let payload: Vec<u8> = r
-                    .try_get_unchecked::<Option<Vec<u8>>, _>("payload")
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
-                let at: i64 = r.try_get("at").unwrap_or_default();
-                println!("side:          {}", side_name(side));
-                println!("id:            {id}");
-                if side == Side::Consumer {
-                    println!("consumer:      {}", text(&r, "consumer"));
-                }
-                println!("message id:    {}", text(&r, "message_id"));
-                println!("kind:          {}", text(&r, "kind"));
-                println!("type:          {}", text(&r, "message_type"));
-                println!("source:        {}", text(&r, "source"));
-                println!("destination:   {}", text(&r, "destination"));
-                println!("ordering key:  {}", text(&r, "k"));
-                println!("headers:       {}", text(&r, "headers"));
-                println!("content type:  {}", text(&r, "content_type"));
-                println!(
-                    "attempts:      {}",
-                    r.try_get::<i64, _>("attempts").unwrap_or_default()
-                );
-                println!(
-                    "parked at:     {} ({} ago)",
-                    rfc3339(from_micros(at)),
-                    age(at)
-                );
-                println!("reason:        {}", text(&r, "reason"));
-                println!("payload ({} bytes):", payload.len());
-                println!(
-                    "{}",
-                    String::from_utf8_lossy(&payload[..payload.len().min(4096)])
-                );
-                true
-            }
-        }
-    });
-    if printed {
-        Ok(ExitCode::SUCCESS)
-    } else {
+async fn show(admin: &dyn DeadLetterAdmin, side: Side, id: i64) -> Result<ExitCode> {
+    let Some(d) = admin.show(side.of(), id).await? else {
         eprintln!("no {} dead letter with id {id}", side_name(side));
-        Ok(ExitCode::from(1))
+        return Ok(ExitCode::from(1));
+    };
+    let s = &d.summary;
+    println!("side:          {}", side_name(side));
+    println!("id:            {id}");
+    if side == Side::Consumer {
+        println!("consumer:      {}", s.consumer);
     }
+    println!("message id:    {}", d.message_id);
+    println!("kind:          {}", d.kind);
+    println!("type:          {}", s.message_type);
+    println!("source:        {}", d.source);
+    println!("destination:   {}", s.destination);
+    println!("ordering key:  {}", s.key);
+    println!("headers:       {}", d.headers);
+    println!("content type:  {}", d.content_type);
+    println!("attempts:      {}", s.attempts);
+    println!(
+        "parked at:     {} ({} ago)",
+        rfc3339(from_micros(s.parked_at_micros)),
+        age(s.parked_at_micros)
+    );
+    println!("reason:        {}", s.reason);
+    println!("payload ({} bytes):", d.payload.len());
+    println!(
+        "{}",
+        String::from_utf8_lossy(&d.payload[..d.payload.len().min(4096)])
+    );
+    Ok(ExitCode::SUCCESS)
 }

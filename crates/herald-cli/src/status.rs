@@ -78,6 +78,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "{:<24} {:<32} {:>10}",
         "consumer group", "destination", "lag"
     );
+    #[cfg(feature = "embedded")]
     if broker_url.scheme() == "sqlite" && subs.is_empty() {
         let embedded = herald::embedded::EmbeddedTransport::open(broker_url.expose()).await?;
         for g in embedded.groups().await? {
@@ -106,26 +107,6 @@ async fn consumer_dead_letters(
     db: &backends::Database,
     table: &herald::Identifier,
 ) -> anyhow::Result<i64> {
-    let t = table.with_suffix("_consumer_dead_letter")?;
-    let sql = format!("SELECT COUNT(*) FROM \"{t}\"");
-    Ok(match db {
-        #[cfg(feature = "postgres")]
-        backends::Database::Postgres(p) => {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_one(p)
-                .await?
-        }
-        #[cfg(feature = "sqlite")]
-        backends::Database::Sqlite(p) => {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_one(p)
-                .await?
-        }
-        #[cfg(feature = "mysql")]
-        backends::Database::MySql(p) => {
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_one(p)
-                .await?
-        }
-    })
+    let admin = backends::dead_letters(db, table)?;
+    Ok(admin.count(herald::dead_letters::Side::Consumer).await? as i64)
 }

@@ -97,6 +97,10 @@ impl Dialect for MySqlDialect {
             .map_err(|e| e.to_string())
     }
 
+    fn cast_int(col: &str) -> String {
+        format!("CAST({col} AS SIGNED)")
+    }
+
     fn concat(a: &str, b: &str) -> String {
         format!("CONCAT({a}, {b})")
     }

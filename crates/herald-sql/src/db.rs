@@ -54,6 +54,9 @@ pub trait SqlDb: Database {
     fn get_bytes(row: &Self::Row, col: &str) -> Result<Vec<u8>, sqlx::Error>;
     /// Reads a bytes column that may be `NULL`.
     fn get_opt_bytes(row: &Self::Row, col: &str) -> Result<Option<Vec<u8>>, sqlx::Error>;
+    /// A column's bytes whatever its declared type (`None` for `NULL` or an unreadable value):
+    /// for reports on what a producer managed to store.
+    fn get_raw_bytes(row: &Self::Row, col: &str) -> Option<Vec<u8>>;
 }
 
 impl<DB> SqlDb for DB
@@ -138,6 +141,15 @@ where
 
     fn get_opt_bytes(row: &Self::Row, col: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
         row.try_get(col)
+    }
+
+    fn get_raw_bytes(row: &Self::Row, col: &str) -> Option<Vec<u8>> {
+        if let Ok(Some(b)) = row.try_get::<Option<Vec<u8>>, _>(col) {
+            return Some(b);
+        }
+        row.try_get_unchecked::<Option<Vec<u8>>, _>(col)
+            .ok()
+            .flatten()
     }
 }
 

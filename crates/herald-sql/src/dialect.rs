@@ -115,6 +115,11 @@ pub trait Dialect: Sized + Send + Sync + 'static {
         col.to_owned()
     }
 
+    /// `col` as a 64-bit integer.
+    fn cast_int(col: &str) -> String {
+        format!("CAST({col} AS BIGINT)")
+    }
+
     /// The larger of two expressions.
     fn greatest(a: &str, b: &str) -> String {
         format!("GREATEST({a}, {b})")

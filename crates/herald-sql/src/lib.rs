@@ -8,6 +8,7 @@
 
 mod applier;
 mod db;
+pub mod dead_letters;
 mod dialect;
 mod error;
 mod inbox;
@@ -17,6 +18,7 @@ mod writer;
 
 pub use applier::{Applier, Handler};
 pub use db::{SqlDb, Stmt, lossy_text};
+pub use dead_letters::{DeadLetterAdmin, DeadLetters};
 pub use dialect::{Dialect, VersionCheck};
 pub use error::{db, handler_error};
 pub use inbox::Inbox;

@@ -7,7 +7,6 @@
 //! (the embedded broker) for brokers.
 
 use std::sync::Arc;
-#[cfg(any(feature = "postgres", feature = "mysql"))]
 use std::time::Duration;
 
 use herald_core::{Error, Identifier, OutboxStore, Result, SecretUrl, Transport};
@@ -94,11 +93,15 @@ pub fn parse_url(what: &str, raw: &str) -> Result<SecretUrl> {
 /// Connects to `url`. `schema`, for PostgreSQL, sets the search path (the demo's own schema); for
 /// MySQL it is the database to use.
 pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Database> {
+    // Only the server databases take a schema.
+    let _ = &schema;
     match url.scheme() {
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
             let mut opts: sqlx::postgres::PgConnectOptions = url.expose().parse().map_err(|e| {
-                Error::config(format!("database URL {url} is not a valid PostgreSQL URL: {e}"))
+                Error::config(format!(
+                    "database URL {url} is not a valid PostgreSQL URL: {e}"
+                ))
             })?;
             if let Some(schema) = schema {
                 opts = opts.options([("search_path", schema)]);
@@ -138,8 +141,7 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
         }
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Database::Sqlite(
-            herald_sqlite::connect(url.expose())
-                .await?,
+            herald_sqlite::connect(url.expose()).await?,
         )),
         other => Err(Error::config(format!(
             "database URL scheme {other:?} is not supported: use postgres://..., mysql://... or sqlite://path"
@@ -162,6 +164,28 @@ pub async fn open_store(db: &Database, table: &Identifier) -> Result<Arc<dyn Out
         Database::MySql(pool) => {
             Arc::new(herald_mysql::MySqlOutbox::new(pool.clone(), table.clone()).await?)
         }
+    })
+}
+
+/// The dead letters beside outbox `table` (relay and consumer side), for `herald dlq` and
+/// `herald status`.
+pub fn dead_letters(
+    db: &Database,
+    table: &Identifier,
+) -> Result<Box<dyn herald_sql::DeadLetterAdmin>> {
+    Ok(match db {
+        #[cfg(feature = "postgres")]
+        Database::Postgres(pool) => Box::new(
+            herald_sql::DeadLetters::<herald_postgres::PgDialect>::new(pool.clone(), table)?,
+        ),
+        #[cfg(feature = "sqlite")]
+        Database::Sqlite(pool) => Box::new(
+            herald_sql::DeadLetters::<herald_sqlite::SqliteDialect>::new(pool.clone(), table)?,
+        ),
+        #[cfg(feature = "mysql")]
+        Database::MySql(pool) => Box::new(
+            herald_sql::DeadLetters::<herald_mysql::MySqlDialect>::new(pool.clone(), table)?,
+        ),
     })
 }
 
@@ -188,7 +212,9 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
             // A wrong user or password is fatal now; an unreachable broker is retried later.
             match t.check().await {
                 Err(e @ Error::Config(_)) => return Err(e),
-                Err(e) => tracing::warn!(error = %e.chain(), "RabbitMQ not reachable yet; the relay retries"),
+                Err(e) => {
+                    tracing::warn!(error = %e.chain(), "RabbitMQ not reachable yet; the relay retries")
+                }
                 Ok(()) => {}
             }
             Ok(Arc::new(t))
@@ -224,10 +250,11 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
         )),
         #[cfg(feature = "embedded")]
         "sqlite" => Ok(Arc::new(
-            herald_embedded::EmbeddedTransport::open(url.expose())
-                .await?,
+            herald_embedded::EmbeddedTransport::open(url.expose()).await?,
         )),
-        other => Err(Error::config(format!("broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream), kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster), redis://... (Redis Streams) or sqlite://path (embedded)"))),
+        other => Err(Error::config(format!(
+            "broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream), kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster), redis://... (Redis Streams) or sqlite://path (embedded)"
+        ))),
     }
 }
 

@@ -70,3 +70,10 @@ pub use herald_redis as redis;
 pub use herald_kafka as kafka;
 
 pub mod connect;
+
+/// Dead-letter administration (list, show, replay, purge) on any SQL database.
+pub use herald_sql::dead_letters;
+
+/// What the SQL databases share, written once: for backend authors and for naming the generic
+/// types (`herald_sql::SqlOutbox<D>`, `Applier<D, H>`, ...) directly.
+pub use herald_sql as sql;

@@ -15,8 +15,8 @@ use anyhow::Result;
 use clap::Args;
 use herald::RelayConfig;
 
-use herald::connect::{self as backends, Database, parse_duration};
 use db::BenchDb;
+use herald::connect::{self as backends, Database, parse_duration};
 use scenarios::Env;
 
 /// Flags of `herald bench`.
