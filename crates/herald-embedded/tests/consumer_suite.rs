@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use herald_core::{Apply, Subscription, Transport};
 use herald_embedded::EmbeddedTransport;
 use herald_testkit::consumer_suite::{Capabilities, ConsumerHarness};
+use herald_testkit::inbox_suite::InboxHarness as _;
 use sqlite_effects::SqliteEffects;
 use uuid::Uuid;
 
@@ -19,8 +20,13 @@ struct Embedded {
 }
 
 async fn harness() -> Embedded {
-    let db = SqliteEffects::new().await;
-    let broker_url = format!("sqlite://{}/broker.db", db.dir.display());
+    let db = sqlite_effects::open().await;
+    let broker_url = format!(
+        "sqlite://{}/broker.db",
+        db.dir()
+            .expect("a SQLite harness has a directory")
+            .display()
+    );
     Embedded { db, broker_url }
 }
 

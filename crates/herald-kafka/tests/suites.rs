@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use herald_core::{Apply, Kind, Message, SecretUrl, Subscription, Transport};
 use herald_kafka::{KafkaTransport, MockKafka};
 use herald_testkit::consumer_suite::{Capabilities, ConsumerHarness};
+use herald_testkit::inbox_suite::InboxHarness as _;
 use pg_effects::PgEffects;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,7 +24,7 @@ struct Kafka {
 
 async fn harness() -> Kafka {
     Kafka {
-        db: PgEffects::new().await,
+        db: pg_effects::open().await,
         cluster: MockKafka::start(3).expect("librdkafka's mock cluster"),
     }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_core::{Claim, Error, Identifier, Lease, Result};
-use herald_sql::{Dialect, Migration, SqlOutbox, VersionCheck, db};
+use herald_sql::{Dialect, Migration, SqlOutbox, VersionCheck, db, is_connection_error};
 use sqlx::mysql::{MySqlDatabaseError, MySqlRow};
-use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, MySqlPool, Row};
+use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, Row};
 
 /// MySQL's and MariaDB's [`Dialect`].
 ///
@@ -55,16 +55,10 @@ impl Dialect for MySqlDialect {
     }
 
     fn is_transient(e: &sqlx::Error) -> bool {
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(d) => d
-                .try_downcast_ref::<MySqlDatabaseError>()
-                .is_some_and(|m| TRANSIENT.contains(&m.number())),
-            _ => false,
-        }
+        is_connection_error(e)
+            || e.as_database_error()
+                .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
+                .is_some_and(|m| TRANSIENT.contains(&m.number()))
     }
 
     fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -130,12 +124,15 @@ impl Dialect for MySqlDialect {
 
     /// The columns, after checking the table is transactional (InnoDB): a MyISAM outbox would
     /// keep the rows of rolled-back transactions.
-    async fn table_columns(pool: &MySqlPool, table: &Identifier) -> Result<Option<Vec<String>>> {
+    async fn table_columns(
+        conn: &mut MySqlConnection,
+        table: &Identifier,
+    ) -> Result<Option<Vec<String>>> {
         let engine: Option<Option<String>> = sqlx::query_scalar(
             "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
         )
         .bind(table.as_str())
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(|e| db::<Self>("reading the table's engine", e))?;
         let Some(engine) = engine else {
@@ -155,7 +152,7 @@ impl Dialect for MySqlDialect {
             "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
         )
         .bind(table.as_str())
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| db::<Self>("reading the table's columns", e))?;
         Ok(Some(have))

@@ -5,4 +5,4 @@
 #[path = "../../herald-testkit/support/mysql_effects.rs"]
 mod effects;
 
-herald_testkit::inbox_suite!(effects::MySqlEffects::new());
+herald_testkit::inbox_suite!(effects::open());

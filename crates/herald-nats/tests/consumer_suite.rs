@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use herald_core::{Apply, Kind, SecretUrl, Subscription, Transport};
 use herald_nats::NatsTransport;
 use herald_testkit::consumer_suite::{Capabilities, ConsumerHarness};
+use herald_testkit::inbox_suite::InboxHarness as _;
 use pg_effects::PgEffects;
 use uuid::Uuid;
 
@@ -24,7 +25,7 @@ struct Nats {
 
 async fn harness() -> Nats {
     Nats {
-        db: PgEffects::new().await,
+        db: pg_effects::open().await,
         names: Default::default(),
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_core::message::micros_from_epoch_text;
 use herald_core::{Claim, Identifier, Lease, Result};
-use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db};
-use sqlx::{AssertSqlSafe, PgPool, Postgres};
+use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db, is_connection_error};
+use sqlx::{AssertSqlSafe, Postgres};
 
 /// PostgreSQL's [`Dialect`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,17 +37,13 @@ impl Dialect for PgDialect {
 
     /// Lost connections, pool timeouts, serialization failures, deadlocks and server shutdowns.
     fn is_transient(e: &sqlx::Error) -> bool {
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(d) => d.code().is_some_and(|c| {
-                c.starts_with("08")
-                    || matches!(c.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03")
-            }),
-            _ => false,
-        }
+        is_connection_error(e)
+            || e.as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| {
+                    c.starts_with("08")
+                        || matches!(c.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03")
+                })
     }
 
     fn rows_affected(r: &sqlx::postgres::PgQueryResult) -> u64 {
@@ -128,13 +124,16 @@ impl Dialect for PgDialect {
         )
     }
 
-    async fn table_columns(pool: &PgPool, table: &Identifier) -> Result<Option<Vec<String>>> {
+    async fn table_columns(
+        conn: &mut sqlx::PgConnection,
+        table: &Identifier,
+    ) -> Result<Option<Vec<String>>> {
         let have: Vec<String> = sqlx::query_scalar(
             "SELECT column_name::text FROM information_schema.columns \
              WHERE table_schema = current_schema() AND table_name = $1",
         )
         .bind(table.as_str())
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| db::<Self>("reading the table's columns", e))?;
         Ok((!have.is_empty()).then_some(have))
@@ -187,15 +186,7 @@ impl Dialect for PgDialect {
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| db::<Self>("claiming outbox rows", e))?;
-        let (rows, parked) = outbox.decode_claimed(&mut tx, &rows).await?;
-        tx.commit()
-            .await
-            .map_err(|e| db::<Self>("committing a claim", e))?;
-        Ok(Claim {
-            lease: handle,
-            rows,
-            parked,
-        })
+        outbox.finish_claim(tx, &rows, handle).await
     }
 
     async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {

@@ -3,4 +3,4 @@
 #[path = "../../herald-testkit/support/pg_effects.rs"]
 mod effects;
 
-herald_testkit::inbox_suite!(effects::PgEffects::new());
+herald_testkit::inbox_suite!(effects::open());

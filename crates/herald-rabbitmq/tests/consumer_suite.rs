@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use herald_core::{Apply, SecretUrl, Subscription, Transport};
 use herald_rabbitmq::RabbitTransport;
 use herald_testkit::consumer_suite::{Capabilities, ConsumerHarness};
+use herald_testkit::inbox_suite::InboxHarness as _;
 use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
 use pg_effects::PgEffects;
 use uuid::Uuid;
@@ -25,7 +26,7 @@ struct Rabbit {
 
 async fn harness() -> Rabbit {
     Rabbit {
-        db: PgEffects::new().await,
+        db: pg_effects::open().await,
         names: Default::default(),
     }
 }

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use herald_core::{Apply, Kind, SecretUrl, Subscription, Transport};
 use herald_redis::RedisTransport;
 use herald_testkit::consumer_suite::{Capabilities, ConsumerHarness};
+use herald_testkit::inbox_suite::InboxHarness as _;
 use mysql_effects::MySqlEffects;
 use uuid::Uuid;
 
@@ -29,7 +30,7 @@ struct Redis {
 
 async fn harness() -> Redis {
     Redis {
-        db: MySqlEffects::new().await,
+        db: mysql_effects::open().await,
         names: Default::default(),
     }
 }

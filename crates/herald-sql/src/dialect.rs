@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_core::{Claim, Identifier, Result};
-use sqlx::Pool;
 
 use crate::db::{SqlDb, Stmt};
 use crate::migrate::Migration;
@@ -183,7 +182,7 @@ pub trait Dialect: Sized + Send + Sync + 'static {
     /// The columns of `table`, or `None` if it does not exist; refuses a table the outbox cannot
     /// live in (MySQL: not InnoDB).
     async fn table_columns(
-        pool: &Pool<Self::DB>,
+        conn: &mut <Self::DB as sqlx::Database>::Connection,
         table: &Identifier,
     ) -> Result<Option<Vec<String>>>;
 

@@ -13,6 +13,19 @@ pub fn db<D: Dialect>(context: &str, e: sqlx::Error) -> Error {
     }
 }
 
+/// Whether `e` is the connection's or the pool's failure rather than the statement's: a lost
+/// connection, a pool timeout or shutdown, a crashed worker. Transient on every database; each
+/// dialect's [`Dialect::is_transient`] adds its server's codes.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
 /// A handler's error: a database error anywhere in its `source()` chain (a sqlx error the
 /// handler wrapped with context, say) is a database error, transient as the dialect classifies
 /// it, so a lost connection is an outage to wait out, not poison to park. Anything else is the

@@ -20,7 +20,7 @@ pub use applier::{Applier, Handler};
 pub use db::{SqlDb, Stmt, lossy_text};
 pub use dead_letters::{DeadLetterAdmin, DeadLetters};
 pub use dialect::{Dialect, VersionCheck};
-pub use error::{db, handler_error};
+pub use error::{db, handler_error, is_connection_error};
 pub use inbox::Inbox;
 pub use migrate::{Migration, migrate};
 pub use outbox::SqlOutbox;

@@ -89,6 +89,19 @@ async fn apply_all<D: Dialect>(
         .map(|r| <D::DB as SqlDb>::get_i64(r, "version"))
         .collect::<std::result::Result<_, _>>()
         .map_err(run("reading the applied migrations"))?;
+    // Records without the tables (dropped by hand, or a half-finished teardown): applying
+    // nothing would leave the outbox missing, so the record is discarded and everything runs
+    // again (every migration is idempotent).
+    let done = if !done.is_empty() && D::table_columns(&mut *conn, table).await?.is_none() {
+        tracing::warn!(%table, "migrations are recorded but the outbox table is missing; applying them again");
+        Stmt::<D::DB>::new(&format!("DELETE FROM {record}"))
+            .execute(&mut *conn)
+            .await
+            .map_err(run("discarding a stale migration record"))?;
+        Vec::new()
+    } else {
+        done
+    };
     let known = D::migrations();
     if let Some(newer) = done
         .iter()

@@ -163,6 +163,25 @@ impl<D: Dialect> SqlOutbox<D> {
         Ok((claimed, parked))
     }
 
+    /// Ends a claim whose statement leased `rows` in `tx`: decodes them (parking the ones that
+    /// cannot be), commits, and returns the claim under `lease`.
+    pub async fn finish_claim(
+        &self,
+        mut tx: sqlx::Transaction<'_, D::DB>,
+        rows: &[DbRow<D>],
+        lease: Lease,
+    ) -> Result<Claim> {
+        let (rows, parked) = self.decode_claimed(&mut tx, rows).await?;
+        tx.commit()
+            .await
+            .map_err(|e| db::<D>("committing a claim", e))?;
+        Ok(Claim {
+            lease,
+            rows,
+            parked,
+        })
+    }
+
     /// Moves row `seq` to the dead letters with `reason`, in the caller's transaction.
     pub async fn move_to_dead_letters(
         &self,
@@ -250,7 +269,11 @@ async fn check_columns<D: Dialect>(
     table: &Identifier,
     columns: &[&str],
 ) -> Result<()> {
-    let Some(have) = D::table_columns(pool, table).await? else {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| db::<D>("reading the table's columns", e))?;
+    let Some(have) = D::table_columns(&mut conn, table).await? else {
         return Err(Error::Schema {
             table: table.to_string(),
             detail: "no such table".to_owned(),

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use herald_core::message::to_micros;
 use herald_core::{Claim, Identifier, Lease, Result};
-use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db};
-use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool};
+use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db, is_connection_error};
+use sqlx::{AssertSqlSafe, Row, Sqlite};
 
 /// SQLite's [`Dialect`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,17 +27,11 @@ impl Dialect for SqliteDialect {
     /// Lost connections, pool timeouts and busy or locked databases (`SQLITE_BUSY`,
     /// `SQLITE_LOCKED` and their extended codes).
     fn is_transient(e: &sqlx::Error) -> bool {
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(d) => d
-                .code()
+        is_connection_error(e)
+            || e.as_database_error()
+                .and_then(|d| d.code())
                 .and_then(|c| c.parse::<i64>().ok())
-                .is_some_and(|c| matches!(c & 0xff, 5 | 6)),
-            _ => false,
-        }
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6))
     }
 
     fn rows_affected(r: &sqlx::sqlite::SqliteQueryResult) -> u64 {
@@ -96,10 +90,13 @@ impl Dialect for SqliteDialect {
         )
     }
 
-    async fn table_columns(pool: &SqlitePool, table: &Identifier) -> Result<Option<Vec<String>>> {
+    async fn table_columns(
+        conn: &mut sqlx::SqliteConnection,
+        table: &Identifier,
+    ) -> Result<Option<Vec<String>>> {
         let rows = sqlx::query("SELECT name FROM pragma_table_info(?1)")
             .bind(table.as_str())
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(|e| db::<Self>("reading the table's columns", e))?;
         let have: Vec<String> = rows
@@ -147,15 +144,7 @@ impl Dialect for SqliteDialect {
             .fetch_all(&mut *tx)
             .await
             .map_err(|e| db::<Self>("claiming outbox rows", e))?;
-        let (rows, parked) = outbox.decode_claimed(&mut tx, &rows).await?;
-        tx.commit()
-            .await
-            .map_err(|e| db::<Self>("committing a claim", e))?;
-        Ok(Claim {
-            lease: handle,
-            rows,
-            parked,
-        })
+        outbox.finish_claim(tx, &rows, handle).await
     }
 
     async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {

@@ -3,4 +3,4 @@
 #[path = "../../herald-testkit/support/sqlite_effects.rs"]
 mod effects;
 
-herald_testkit::inbox_suite!(effects::SqliteEffects::new());
+herald_testkit::inbox_suite!(effects::open());

@@ -8,6 +8,7 @@ pub mod inbox_suite;
 mod memory_store;
 pub mod poison;
 mod proxy;
+pub mod sql_effects;
 pub mod suite;
 pub mod transport_suite;
 pub mod verify;

@@ -85,6 +85,16 @@ pub enum Database {
     MySql(sqlx::MySqlPool),
 }
 
+/// A failed connection to the database at `url` (shown without its password).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn cannot_connect(url: &SecretUrl, e: sqlx::Error) -> Error {
+    Error::Database {
+        context: format!("connecting to the database at {url} (cannot connect)"),
+        transient: herald_sql::is_connection_error(&e),
+        source: Box::new(e),
+    }
+}
+
 /// Parses a URL that may hold a password, without ever echoing it.
 pub fn parse_url(what: &str, raw: &str) -> Result<SecretUrl> {
     Ok(SecretUrl::parse(what, raw)?)
@@ -111,7 +121,7 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
                 .acquire_timeout(Duration::from_secs(10))
                 .connect_with(opts)
                 .await
-                .map_err(|e| Error::unavailable(format!("the database at {url}"), e))?;
+                .map_err(|e| cannot_connect(url, e))?;
             Ok(Database::Postgres(pool))
         }
         #[cfg(feature = "mysql")]
@@ -136,7 +146,7 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
                 })
                 .connect_with(opts)
                 .await
-                .map_err(|e| Error::unavailable(format!("the database at {url}"), e))?;
+                .map_err(|e| cannot_connect(url, e))?;
             Ok(Database::MySql(pool))
         }
         #[cfg(feature = "sqlite")]
