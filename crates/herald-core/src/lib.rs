@@ -29,6 +29,14 @@ pub mod relay;
 pub mod store;
 pub mod transport;
 
+/// What a backend (an outbox store or a transport) is written with, beyond the traits: not
+/// needed to use herald, and not part of its stable surface.
+#[doc(hidden)]
+pub mod driver {
+    pub use crate::store::{OUTBOX_COLUMNS, RawRow, with_dead_letters};
+    pub use crate::transport::fail_all;
+}
+
 pub use config::{Identifier, RelayConfig, SecretUrl};
 pub use consumer::{Applied, Apply, Consumer, ConsumerConfig};
 pub use error::{BoxError, Error, Result};

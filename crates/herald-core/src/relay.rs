@@ -535,7 +535,34 @@ impl Relay {
             workers.spawn(async move { relay.worker_loop(worker, stop).await });
         }
         let mut outcome = Ok(());
-        while let Some(joined) = workers.join_next().await {
+        // After the stop, in-flight batches get at most a lease to finish (a database that
+        // stopped answering would otherwise hold the stop forever); what is abandoned then is
+        // claimed again by any relay once its lease ends: a duplicate at worst, never a loss.
+        let mut stopped = stop_rx.clone();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let joined = match deadline {
+                None => tokio::select! {
+                    joined = workers.join_next() => joined,
+                    _ = stopped.changed() => {
+                        deadline = Some(tokio::time::Instant::now() + self.inner.config.lease);
+                        continue;
+                    }
+                },
+                Some(at) => match tokio::time::timeout_at(at, workers.join_next()).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        warn!(
+                            waited = ?self.inner.config.lease,
+                            "in-flight batches did not finish within the lease after the stop; abandoning them"
+                        );
+                        workers.abort_all();
+                        while workers.join_next().await.is_some() {}
+                        break;
+                    }
+                },
+            };
+            let Some(joined) = joined else { break };
             match joined {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

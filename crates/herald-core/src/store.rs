@@ -142,6 +142,7 @@ pub trait OutboxStore: Send + Sync + 'static {
 /// An outbox row as the database returned it, before validation. Backends select their columns
 /// into this and call [`RawRow::decode`], so every backend validates rows the same way.
 #[derive(Debug, Clone)]
+#[doc(hidden)]
 pub struct RawRow {
     /// `id`
     pub seq: i64,
@@ -243,6 +244,7 @@ fn decode_headers(
 }
 
 /// Columns every outbox table has, in the order backends select them into [`RawRow`].
+#[doc(hidden)]
 pub const OUTBOX_COLUMNS: [&str; 16] = [
     "id",
     "message_id",
@@ -264,6 +266,7 @@ pub const OUTBOX_COLUMNS: [&str; 16] = [
 
 /// Adds per-destination dead-letter counts to pending counts (destinations with only dead letters
 /// get a row of their own), sorted by destination. Shared by the stores' `stats`.
+#[doc(hidden)]
 pub fn with_dead_letters(
     mut stats: Vec<DestinationStats>,
     dead: impl IntoIterator<Item = (String, u64)>,

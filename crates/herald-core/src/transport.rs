@@ -158,6 +158,7 @@ impl Received {
     }
 
     /// The decoded message, if it is one (panics otherwise; for tests).
+    #[doc(hidden)]
     pub fn expect_message(self) -> Delivery {
         match self {
             Received::Message(d) => d,
@@ -185,6 +186,7 @@ pub trait Subscriber: Send {
 }
 
 /// Helper for transports: a transient error for every message of a batch.
+#[doc(hidden)]
 pub fn fail_all(len: usize, make: impl Fn() -> Error) -> Vec<Result<()>> {
     (0..len).map(|_| Err(make())).collect()
 }

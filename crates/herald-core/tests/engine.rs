@@ -538,3 +538,27 @@ async fn lanes_keep_each_keys_order() {
         assert_eq!(of_key, sorted, "{key} applied in order");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_waits_at_most_a_lease_for_a_database_that_never_answers() {
+    let inner = Arc::new(MemoryStore::new());
+    inner.enqueue(msg("m", "k"));
+    let store = Arc::new(SlowClaims {
+        inner: inner.clone(),
+        slow: Duration::from_secs(24 * 3600),
+    });
+    let r = Relay::new(store, Scripted::confirming(), config()).unwrap();
+    let started = tokio::time::Instant::now();
+    r.run(tokio::time::sleep(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited <= Duration::from_millis(100) + config().lease + Duration::from_secs(1),
+        "the stop is bounded by the lease, waited {waited:?}"
+    );
+    assert!(
+        waited >= config().lease,
+        "in-flight work had its lease to finish"
+    );
+}

@@ -97,7 +97,7 @@ fn cannot_connect(url: &SecretUrl, e: sqlx::Error) -> Error {
 
 /// Parses a URL that may hold a password, without ever echoing it.
 pub fn parse_url(what: &str, raw: &str) -> Result<SecretUrl> {
-    Ok(SecretUrl::parse(what, raw)?)
+    SecretUrl::parse(what, raw)
 }
 
 /// Connects to `url`. `schema`, for PostgreSQL, sets the search path (the demo's own schema); for

@@ -4,7 +4,9 @@
 //! announce; herald's relay publishes them to the broker after the commit (at least once, in
 //! commit order per key), and never publishes the events of a transaction that rolled back.
 //!
-//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `rabbitmq`, `nats`.
+//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `mysql`,
+//! `rabbitmq`, `nats`, `kafka`, `redis`. [`connect`] opens each from a URL; `examples/` shows
+//! writing events, a consumer that sends the next command, and the sidecar setup.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> herald::Result<()> {
@@ -35,7 +37,18 @@
 //! # Ok(()) }
 //! ```
 
-pub use herald_core::*;
+pub use herald_core::{
+    Applied, Apply, BoxError, Claim, Consumer, ConsumerConfig, Delivery, DestinationStats, Error,
+    Failpoint, FallbackPublisher, FallbackReport, Identifier, Kind, Lease, Message, OutboxRow,
+    OutboxStore, Park, Received, RejectionOutcome, Relay, RelayConfig, ReplayFrom, Result,
+    SecretUrl, Subscriber, Subscription, TickReport, Transport, Undecodable, Waker,
+};
+pub use herald_core::{backoff, cloudevents, consumer, fallback, memory, message, relay};
+
+/// Helpers for writing a backend (a store or a transport), beyond the traits: not needed to use
+/// herald.
+#[doc(hidden)]
+pub use herald_core::driver;
 
 /// PostgreSQL storage.
 #[cfg(feature = "postgres")]
