@@ -513,8 +513,11 @@ impl Relay {
 
     /// Runs `workers` claim-publish-mark loops until `shutdown` completes, then lets every
     /// in-flight batch finish (publish and mark) before returning, so a graceful stop causes no
-    /// duplicates. Broker and database outages are retried forever with capped, jittered backoff;
-    /// only a non-transient database error (such as a missing table) ends the run early.
+    /// duplicates. The wait is bounded by the lease: a batch still running then (a database or
+    /// broker that stopped answering) is abandoned, and its rows are claimed again once their
+    /// lease ends (a duplicate at worst, never a loss). Broker and database outages are retried
+    /// forever with capped, jittered backoff; only a non-transient database error (such as a
+    /// missing table) ends the run early.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
     where
         F: std::future::Future<Output = ()> + Send + 'static,
@@ -557,7 +560,13 @@ impl Relay {
                             "in-flight batches did not finish within the lease after the stop; abandoning them"
                         );
                         workers.abort_all();
-                        while workers.join_next().await.is_some() {}
+                        while let Some(joined) = workers.join_next().await {
+                            if let Ok(Err(e)) = joined
+                                && outcome.is_ok()
+                            {
+                                outcome = Err(e);
+                            }
+                        }
                         break;
                     }
                 },

@@ -88,6 +88,10 @@ impl Dialect for PgDialect {
         format!("{param}::jsonb")
     }
 
+    fn is_set(col: &str) -> String {
+        col.to_owned()
+    }
+
     fn select_text(col: &str) -> String {
         format!("{col}::text")
     }

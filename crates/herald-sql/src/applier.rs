@@ -23,7 +23,9 @@ use crate::inbox::Inbox;
 pub trait Handler<DB: sqlx::Database>: Send + Sync + 'static {
     /// Applies `message`. Return an error to roll back; the consumer retries, then dead-letters.
     /// A database error anywhere in the error's `source()` chain counts as a database error
-    /// (an outage is waited out, not parked).
+    /// (an outage is waited out, not parked): return the sqlx error with `?`, or wrapped in an
+    /// error whose `source()` it is (`anyhow`'s `.context(..)` is one). A bare `anyhow::Error`
+    /// turned into a `BoxError` hides the error it holds, so it counts as the handler's own.
     async fn handle(
         &self,
         tx: &mut DB::Connection,
@@ -82,13 +84,13 @@ impl<D: Dialect, H: Handler<D::DB>> Applier<D, H> {
             replays: r(format!(
                 "SELECT id, {message_id} AS message_id, kind, message_type, source, destination, ordering_key, \
                  {headers} AS headers, content_type, {payload} AS payload, {created} AS created_at, attempts \
-                 FROM {dead} WHERE consumer = ? AND replay_requested = {yes} AND message_id IS NOT NULL \
+                 FROM {dead} WHERE consumer = ? AND {marked} AND message_id IS NOT NULL \
                  ORDER BY id LIMIT ?",
                 message_id = D::select_text("message_id"),
                 headers = D::select_text("headers"),
                 payload = D::select_bytes("payload"),
                 created = D::select_micros("created_at"),
-                yes = D::true_literal(),
+                marked = D::is_set("replay_requested"),
             )),
             replay_failed: r(format!(
                 "UPDATE {dead} SET replay_requested = NOT {yes}, attempts = attempts + 1, \

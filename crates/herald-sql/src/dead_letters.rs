@@ -157,8 +157,13 @@ impl<D: Dialect> DeadLetters<D> {
             vals.push(Value::Text(c.clone()));
         }
         let now = to_micros(SystemTime::now());
-        let before =
-            |d: &Duration| now.saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        // Clamped to 1000-01-01, the earliest time every database stores (PostgreSQL refuses
+        // times before 4713 BC, MySQL turns times before the year 1000 into NULL); nothing is
+        // dead-lettered before it, so the filter means the same.
+        let before = |d: &Duration| {
+            now.saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+                .max(-30_610_224_000_000_000)
+        };
         if let Some(d) = &f.older_than {
             conds.push(format!("dead_lettered_at < {}", D::time_from_micros("?")));
             vals.push(Value::Int(before(d)));

@@ -114,6 +114,22 @@ pub trait Dialect: Sized + Send + Sync + 'static {
         col.to_owned()
     }
 
+    /// The smallest time of column `col` over a group, selected as
+    /// [`read_micros`](Dialect::read_micros) reads it back.
+    fn min_micros(col: &str) -> String {
+        Self::select_micros(&format!("MIN({col})"))
+    }
+
+    /// The expression a text column is grouped by in reports.
+    fn group_text(col: &str) -> String {
+        col.to_owned()
+    }
+
+    /// A condition that boolean flag `col` is set.
+    fn is_set(col: &str) -> String {
+        format!("{col} <> 0")
+    }
+
     /// `col` as a 64-bit integer.
     fn cast_int(col: &str) -> String {
         format!("CAST({col} AS BIGINT)")

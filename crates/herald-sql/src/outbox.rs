@@ -97,11 +97,13 @@ impl<D: Dialect> SqlOutbox<D> {
             // Destinations are read whatever their type, times only where they fit, so one odd
             // row cannot make `herald status` fail.
             stats: r(format!(
-                "SELECT destination, COUNT(*) AS n, {oldest} AS oldest FROM {t} GROUP BY destination",
-                oldest = D::select_micros("MIN(created_at)"),
+                "SELECT {dest} AS destination, COUNT(*) AS n, {oldest} AS oldest FROM {t} GROUP BY {dest}",
+                dest = D::group_text("destination"),
+                oldest = D::min_micros("created_at"),
             )),
             dead_stats: r(format!(
-                "SELECT destination, COUNT(*) AS n FROM {dead} GROUP BY destination"
+                "SELECT {dest} AS destination, COUNT(*) AS n FROM {dead} GROUP BY {dest}",
+                dest = D::group_text("destination"),
             )),
             quoted: t,
             table,
@@ -276,7 +278,7 @@ async fn check_columns<D: Dialect>(
     let Some(have) = D::table_columns(&mut conn, table).await? else {
         return Err(Error::Schema {
             table: table.to_string(),
-            detail: "no such table".to_owned(),
+            detail: "no such table (in the connection's current schema or database)".to_owned(),
         });
     };
     let missing: Vec<&str> = columns

@@ -63,6 +63,16 @@ impl Dialect for SqliteDialect {
             .map_err(|_| format!("{col} is not an integer of microseconds since the epoch"))
     }
 
+    /// Only integer times: MIN over a column holding a REAL as well would pick it.
+    fn min_micros(col: &str) -> String {
+        format!("MIN(CASE WHEN typeof({col}) = 'integer' THEN {col} END)")
+    }
+
+    /// By bytes: a BLOB and a TEXT of the same characters are one destination.
+    fn group_text(col: &str) -> String {
+        format!("CAST({col} AS BLOB)")
+    }
+
     fn select_bytes(col: &str) -> String {
         format!("CAST({col} AS BLOB)")
     }
@@ -193,5 +203,66 @@ impl Dialect for SqliteDialect {
     async fn lock_migrations(_conn: &mut sqlx::SqliteConnection) -> Result<()> {
         // `BEGIN IMMEDIATE` (MIGRATION_BEGIN) already holds the database's write lock.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_core::Error;
+    use herald_sql::handler_error;
+
+    use super::SqliteDialect;
+
+    /// A handler's own error type wrapping the database error it hit.
+    #[derive(Debug)]
+    struct Wrapped(sqlx::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("saving the confirmation")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_database_error_anywhere_in_a_handlers_chain_is_an_outage_not_poison() {
+        let wrapped = handler_error::<SqliteDialect>(Box::new(Wrapped(sqlx::Error::PoolTimedOut)));
+        assert!(
+            matches!(
+                wrapped,
+                Error::Database {
+                    transient: true,
+                    ..
+                }
+            ),
+            "{wrapped:?}"
+        );
+        let bare = handler_error::<SqliteDialect>(Box::new(sqlx::Error::PoolClosed));
+        assert!(bare.is_transient(), "{bare:?}");
+        // anyhow with context, as a handler written with `.context(..)?` returns it. (A bare
+        // `anyhow::Error` boxed by `?` hides the error it holds; see `Handler`.)
+        let context: herald_core::BoxError = anyhow::Error::from(sqlx::Error::PoolTimedOut)
+            .context("saving the confirmation")
+            .into();
+        assert!(handler_error::<SqliteDialect>(context).is_transient());
+        let own = handler_error::<SqliteDialect>("the card was declined".into());
+        assert!(matches!(own, Error::Handler { .. }), "{own:?}");
+        assert!(!own.is_transient());
+        let permanent = handler_error::<SqliteDialect>(Box::new(Wrapped(sqlx::Error::RowNotFound)));
+        assert!(
+            matches!(
+                permanent,
+                Error::Database {
+                    transient: false,
+                    ..
+                }
+            ),
+            "a database error that retrying cannot fix is not an outage: {permanent:?}"
+        );
     }
 }

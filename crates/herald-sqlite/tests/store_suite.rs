@@ -169,3 +169,27 @@ impl StoreHarness for Sqlite {
 }
 
 herald_testkit::store_suite!(harness());
+
+/// `herald status` on values a producer can store in SQLite: a destination written as a BLOB is
+/// the same destination as its text, and a REAL `created_at` does not hide the oldest integer
+/// time.
+#[tokio::test]
+async fn stats_group_destinations_by_bytes_and_read_only_integer_times() {
+    let h = harness().await;
+    for sql in [
+        "INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', 'orders', x'00', 1700000000000000)",
+        "INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', CAST('orders' AS BLOB), x'00', 1600000000000000)",
+        "INSERT INTO herald_outbox (message_type, destination, payload, created_at) VALUES ('T', 'orders', x'00', 1500000000000000.5)",
+    ] {
+        sqlx::query(sql).execute(&h.pool).await.unwrap();
+    }
+    let stats = h.store().await.stats().await.unwrap();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0].destination, "orders");
+    assert_eq!(stats[0].pending, 3);
+    assert_eq!(
+        stats[0].oldest,
+        Some(herald_core::message::from_micros(1_600_000_000_000_000)),
+        "the oldest integer time, not the REAL"
+    );
+}
