@@ -278,7 +278,7 @@ async fn check_columns<D: Dialect>(
     let Some(have) = D::table_columns(&mut conn, table).await? else {
         return Err(Error::Schema {
             table: table.to_string(),
-            detail: "no such table (in the connection's current schema or database)".to_owned(),
+            detail: "no such table in the connection's current schema or database".to_owned(),
         });
     };
     let missing: Vec<&str> = columns

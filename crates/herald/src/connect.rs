@@ -85,6 +85,44 @@ pub enum Database {
     MySql(sqlx::MySqlPool),
 }
 
+/// Each database scheme, the feature that brings it, and how to write it.
+const DATABASES: &[(&str, bool, &str)] = &[
+    ("postgres", cfg!(feature = "postgres"), "postgres://user@host/db"),
+    ("mysql", cfg!(feature = "mysql"), "mysql://user@host/db (MySQL 8, MariaDB)"),
+    ("sqlite", cfg!(feature = "sqlite"), "sqlite://path"),
+];
+
+/// Each broker scheme, the feature that brings it, and how to write it.
+const BROKERS: &[(&str, bool, &str)] = &[
+    ("rabbitmq", cfg!(feature = "rabbitmq"), "amqp://... (RabbitMQ)"),
+    ("nats", cfg!(feature = "nats"), "nats://... (NATS JetStream)"),
+    (
+        "kafka",
+        cfg!(feature = "kafka"),
+        "kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster)",
+    ),
+    ("redis", cfg!(feature = "redis"), "redis://... (Redis Streams)"),
+    ("embedded", cfg!(feature = "embedded"), "sqlite://path (embedded)"),
+];
+
+/// The schemes this build has, and the features it was built without.
+fn supported(all: &[(&str, bool, &str)]) -> String {
+    let have: Vec<&str> = all.iter().filter(|b| b.1).map(|b| b.2).collect();
+    let missing: Vec<&str> = all.iter().filter(|b| !b.1).map(|b| b.0).collect();
+    let mut out = if have.is_empty() {
+        "none (no such backend was compiled in)".to_owned()
+    } else {
+        have.join(", ")
+    };
+    if !missing.is_empty() {
+        out.push_str(&format!(
+            "; built without the features {} (rebuild with them to use those)",
+            missing.join(", ")
+        ));
+    }
+    out
+}
+
 /// A failed connection to the database at `url` (shown without its password).
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 fn cannot_connect(url: &SecretUrl, e: sqlx::Error) -> Error {
@@ -154,7 +192,8 @@ pub async fn open_database(url: &SecretUrl, schema: Option<&str>) -> Result<Data
             herald_sqlite::connect(url.expose()).await?,
         )),
         other => Err(Error::config(format!(
-            "database URL scheme {other:?} is not supported: use postgres://..., mysql://... or sqlite://path"
+            "database URL scheme {other:?} is not supported by this build: use {}",
+            supported(DATABASES)
         ))),
     }
 }
@@ -263,7 +302,8 @@ pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {
             herald_embedded::EmbeddedTransport::open(url.expose()).await?,
         )),
         other => Err(Error::config(format!(
-            "broker URL scheme {other:?} is not supported: use amqp://... (RabbitMQ), nats://... (NATS JetStream), kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster), redis://... (Redis Streams) or sqlite://path (embedded)"
+            "broker URL scheme {other:?} is not supported by this build: use {}",
+            supported(BROKERS)
         ))),
     }
 }
