@@ -40,7 +40,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the outbox, dead-letter and inbox tables (idempotent).
+    /// Create or upgrade the outbox, dead-letter and inbox tables (versioned migrations; idempotent).
     Migrate(DbArgs),
     /// Publish outbox rows to the broker until stopped (SIGTERM or Ctrl-C stop it gracefully).
     Relay(relay::RelayArgs),

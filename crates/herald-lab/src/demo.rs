@@ -20,6 +20,10 @@ use herald_testkit::verify::RecordingTransport;
 use herald_testkit::{FlakyTransport, History};
 
 use herald::connect::{self as backends, Database};
+use herald::mysql::MySqlDialect;
+use herald::postgres::PgDialect;
+use herald::sql::{Applier, Dialect, Handler, OutboxWriter, Stmt};
+use herald::sqlite::SqliteDialect;
 
 /// Flags of `herald demo`.
 #[derive(Args)]
@@ -48,36 +52,30 @@ struct Demo {
 
 impl Demo {
     async fn setup(&self) -> Result<()> {
-        match &self.db {
-            Database::Postgres(pool) => {
-                sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, status TEXT NOT NULL, version INT NOT NULL)")
-                    .execute(pool)
-                    .await?;
-                sqlx::query(
-                    "CREATE TABLE emails (order_id TEXT NOT NULL, message_id UUID NOT NULL)",
-                )
-                .execute(pool)
-                .await?;
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, status TEXT NOT NULL, version INT NOT NULL)")
-                    .execute(pool)
-                    .await?;
-                sqlx::query(
-                    "CREATE TABLE emails (order_id TEXT NOT NULL, message_id TEXT NOT NULL)",
-                )
-                .execute(pool)
-                .await?;
-            }
-            Database::MySql(pool) => {
-                sqlx::query("CREATE TABLE orders (id VARCHAR(64) PRIMARY KEY, status VARCHAR(16) NOT NULL, version INT NOT NULL) ENGINE = InnoDB")
-                    .execute(pool)
-                    .await?;
-                sqlx::query(
-                    "CREATE TABLE emails (order_id VARCHAR(64) NOT NULL, message_id CHAR(36) NOT NULL) ENGINE = InnoDB",
-                )
-                .execute(pool)
-                .await?;
+        // Text keys and a message id column each database can index.
+        let (id, message_id, engine) = match &self.db {
+            Database::Postgres(_) => ("TEXT", "UUID", ""),
+            Database::Sqlite(_) => ("TEXT", "TEXT", ""),
+            Database::MySql(_) => ("VARCHAR(64)", "CHAR(36)", " ENGINE = InnoDB"),
+        };
+        for ddl in [
+            format!(
+                "CREATE TABLE orders (id {id} PRIMARY KEY, status VARCHAR(16) NOT NULL, version INT NOT NULL){engine}"
+            ),
+            format!(
+                "CREATE TABLE emails (order_id {id} NOT NULL, message_id {message_id} NOT NULL){engine}"
+            ),
+        ] {
+            match &self.db {
+                Database::Postgres(pool) => {
+                    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(pool).await?;
+                }
+                Database::Sqlite(pool) => {
+                    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(pool).await?;
+                }
+                Database::MySql(pool) => {
+                    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(pool).await?;
+                }
             }
         }
         backends::migrate(&self.db, &self.table).await?;
@@ -92,80 +90,33 @@ impl Demo {
         event: &Message,
         commit: bool,
     ) -> Result<()> {
+        let (t, o) = (&self.table, order_id);
         match &self.db {
-            Database::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let sql = if placing {
-                    "INSERT INTO orders (id, status, version) VALUES ($1, 'placed', 1)"
-                } else {
-                    "UPDATE orders SET status = 'paid', version = version + 1 WHERE id = $1"
-                };
-                sqlx::query(sql).bind(order_id).execute(&mut *tx).await?;
-                herald::postgres::PgOutboxWriter::new(&self.table)
-                    .enqueue(&mut tx, event)
-                    .await?;
-                if commit {
-                    tx.commit().await?
-                } else {
-                    tx.rollback().await?
-                }
-            }
-            Database::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                let sql = if placing {
-                    "INSERT INTO orders (id, status, version) VALUES (?1, 'placed', 1)"
-                } else {
-                    "UPDATE orders SET status = 'paid', version = version + 1 WHERE id = ?1"
-                };
-                sqlx::query(sql).bind(order_id).execute(&mut *tx).await?;
-                herald::sqlite::SqliteOutboxWriter::new(&self.table)
-                    .enqueue(&mut tx, event)
-                    .await?;
-                if commit {
-                    tx.commit().await?
-                } else {
-                    tx.rollback().await?
-                }
-            }
-            Database::MySql(pool) => {
-                let mut tx = pool.begin().await?;
-                let sql = if placing {
-                    "INSERT INTO orders (id, status, version) VALUES (?, 'placed', 1)"
-                } else {
-                    "UPDATE orders SET status = 'paid', version = version + 1 WHERE id = ?"
-                };
-                sqlx::query(sql).bind(order_id).execute(&mut *tx).await?;
-                herald::mysql::MySqlOutboxWriter::new(&self.table)
-                    .enqueue(&mut tx, event)
-                    .await?;
-                if commit {
-                    tx.commit().await?
-                } else {
-                    tx.rollback().await?
-                }
-            }
+            Database::Postgres(p) => transact::<PgDialect>(p, t, o, placing, event, commit).await,
+            Database::Sqlite(p) => transact::<SqliteDialect>(p, t, o, placing, event, commit).await,
+            Database::MySql(p) => transact::<MySqlDialect>(p, t, o, placing, event, commit).await,
         }
-        Ok(())
     }
 
     /// The email service: a consumer whose handler records a (simulated) email per placed order,
     /// in the inbox transaction.
     fn email_service(&self, transport: Arc<dyn Transport>, topic: &str) -> Result<Consumer> {
+        let t = &self.table;
         let apply: Arc<dyn herald::Apply> = match &self.db {
-            Database::Postgres(pool) => Arc::new(herald::postgres::PgApplier::new(
-                pool.clone(),
-                &self.table,
-                PgEmails,
+            Database::Postgres(p) => Arc::new(Applier::<PgDialect, _>::new(
+                p.clone(),
+                t,
+                Emails::<PgDialect>::new(),
             )?),
-            Database::Sqlite(pool) => Arc::new(herald::sqlite::SqliteApplier::new(
-                pool.clone(),
-                &self.table,
-                SqliteEmails,
+            Database::Sqlite(p) => Arc::new(Applier::<SqliteDialect, _>::new(
+                p.clone(),
+                t,
+                Emails::<SqliteDialect>::new(),
             )?),
-            Database::MySql(pool) => Arc::new(herald::mysql::MySqlApplier::new(
-                pool.clone(),
-                &self.table,
-                MySqlEmails,
+            Database::MySql(p) => Arc::new(Applier::<MySqlDialect, _>::new(
+                p.clone(),
+                t,
+                Emails::<MySqlDialect>::new(),
             )?),
         };
         Ok(Consumer::new(
@@ -215,59 +166,66 @@ impl Demo {
     }
 }
 
-struct PgEmails;
+/// One business transaction on any database: the order row and its event, committed or rolled
+/// back together.
+async fn transact<D: Dialect>(
+    pool: &sqlx::Pool<D::DB>,
+    table: &Identifier,
+    order_id: &str,
+    placing: bool,
+    event: &Message,
+    commit: bool,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let sql = if placing {
+        "INSERT INTO orders (id, status, version) VALUES (?, 'placed', 1)"
+    } else {
+        "UPDATE orders SET status = 'paid', version = version + 1 WHERE id = ?"
+    };
+    Stmt::<D::DB>::new(&D::render(sql))
+        .text(order_id)
+        .execute(&mut tx)
+        .await?;
+    OutboxWriter::<D>::new(table)
+        .enqueue(&mut tx, event)
+        .await?;
+    if commit {
+        tx.commit().await?
+    } else {
+        tx.rollback().await?
+    }
+    Ok(())
+}
 
-#[async_trait::async_trait]
-impl herald::postgres::Handler<sqlx::Postgres> for PgEmails {
-    async fn handle(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        m: &Message,
-    ) -> Result<(), herald::BoxError> {
-        if m.message_type == "OrderPlaced" {
-            sqlx::query("INSERT INTO emails (order_id, message_id) VALUES ($1, $2)")
-                .bind(m.ordering_key.as_deref())
-                .bind(m.id)
-                .execute(tx)
-                .await?;
+/// The email service's handler: a (simulated) email per placed order, in the inbox transaction.
+struct Emails<D> {
+    insert: String,
+    dialect: std::marker::PhantomData<fn() -> D>,
+}
+
+impl<D: Dialect> Emails<D> {
+    fn new() -> Emails<D> {
+        Emails {
+            insert: D::render(&format!(
+                "INSERT INTO emails (order_id, message_id) VALUES (?, {})",
+                D::uuid_param("?")
+            )),
+            dialect: std::marker::PhantomData,
         }
-        Ok(())
     }
 }
 
-struct MySqlEmails;
-
 #[async_trait::async_trait]
-impl herald::mysql::Handler<sqlx::MySql> for MySqlEmails {
+impl<D: Dialect> Handler<D::DB> for Emails<D> {
     async fn handle(
         &self,
-        tx: &mut sqlx::MySqlConnection,
+        tx: &mut <D::DB as sqlx::Database>::Connection,
         m: &Message,
     ) -> Result<(), herald::BoxError> {
         if m.message_type == "OrderPlaced" {
-            sqlx::query("INSERT INTO emails (order_id, message_id) VALUES (?, ?)")
-                .bind(m.ordering_key.as_deref())
-                .bind(m.id.to_string())
-                .execute(tx)
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-struct SqliteEmails;
-
-#[async_trait::async_trait]
-impl herald::sqlite::Handler<sqlx::Sqlite> for SqliteEmails {
-    async fn handle(
-        &self,
-        tx: &mut sqlx::SqliteConnection,
-        m: &Message,
-    ) -> Result<(), herald::BoxError> {
-        if m.message_type == "OrderPlaced" {
-            sqlx::query("INSERT INTO emails (order_id, message_id) VALUES (?1, ?2)")
-                .bind(m.ordering_key.as_deref())
-                .bind(m.id.to_string())
+            Stmt::<D::DB>::new(&self.insert)
+                .opt_text(m.ordering_key.as_deref())
+                .text(&m.id.to_string())
                 .execute(tx)
                 .await?;
         }

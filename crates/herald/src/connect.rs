@@ -87,22 +87,46 @@ pub enum Database {
 
 /// Each database scheme, the feature that brings it, and how to write it.
 const DATABASES: &[(&str, bool, &str)] = &[
-    ("postgres", cfg!(feature = "postgres"), "postgres://user@host/db"),
-    ("mysql", cfg!(feature = "mysql"), "mysql://user@host/db (MySQL 8, MariaDB)"),
+    (
+        "postgres",
+        cfg!(feature = "postgres"),
+        "postgres://user@host/db",
+    ),
+    (
+        "mysql",
+        cfg!(feature = "mysql"),
+        "mysql://user@host/db (MySQL 8, MariaDB)",
+    ),
     ("sqlite", cfg!(feature = "sqlite"), "sqlite://path"),
 ];
 
 /// Each broker scheme, the feature that brings it, and how to write it.
 const BROKERS: &[(&str, bool, &str)] = &[
-    ("rabbitmq", cfg!(feature = "rabbitmq"), "amqp://... (RabbitMQ)"),
-    ("nats", cfg!(feature = "nats"), "nats://... (NATS JetStream)"),
+    (
+        "rabbitmq",
+        cfg!(feature = "rabbitmq"),
+        "amqp://... (RabbitMQ)",
+    ),
+    (
+        "nats",
+        cfg!(feature = "nats"),
+        "nats://... (NATS JetStream)",
+    ),
     (
         "kafka",
         cfg!(feature = "kafka"),
         "kafka://host:9092[,host:9092] (Kafka; kafka://mock for an in-process mock cluster)",
     ),
-    ("redis", cfg!(feature = "redis"), "redis://... (Redis Streams)"),
-    ("embedded", cfg!(feature = "embedded"), "sqlite://path (embedded)"),
+    (
+        "redis",
+        cfg!(feature = "redis"),
+        "redis://... (Redis Streams)",
+    ),
+    (
+        "embedded",
+        cfg!(feature = "embedded"),
+        "sqlite://path (embedded)",
+    ),
 ];
 
 /// The schemes this build has, and the features it was built without.

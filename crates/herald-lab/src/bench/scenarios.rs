@@ -261,15 +261,8 @@ pub struct DbCost {
 struct Noop;
 
 #[async_trait]
-impl herald::postgres::Handler<sqlx::Postgres> for Noop {
-    async fn handle(&self, _tx: &mut sqlx::PgConnection, _m: &Message) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl herald::sqlite::Handler<sqlx::Sqlite> for Noop {
-    async fn handle(&self, _tx: &mut sqlx::SqliteConnection, _m: &Message) -> Result<(), BoxError> {
+impl<DB: herald::sql::SqlDb> herald::sql::Handler<DB> for Noop {
+    async fn handle(&self, _tx: &mut DB::Connection, _m: &Message) -> Result<(), BoxError> {
         Ok(())
     }
 }

@@ -325,35 +325,13 @@ impl Effects {
 }
 
 #[async_trait::async_trait]
-impl herald::postgres::Handler<sqlx::Postgres> for Effects {
-    async fn handle(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        m: &Message,
-    ) -> Result<(), herald::BoxError> {
+impl<DB: herald::sql::SqlDb> herald::sql::Handler<DB> for Effects {
+    async fn handle(&self, tx: &mut DB::Connection, m: &Message) -> Result<(), herald::BoxError> {
         let (agg, version) = key_seq(m);
-        sqlx::query(AssertSqlSafe(self.insert.as_str()))
-            .bind(m.id.to_string())
-            .bind(agg)
-            .bind(version as i64)
-            .execute(tx)
-            .await?;
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl herald::sqlite::Handler<sqlx::Sqlite> for Effects {
-    async fn handle(
-        &self,
-        tx: &mut sqlx::SqliteConnection,
-        m: &Message,
-    ) -> Result<(), herald::BoxError> {
-        let (agg, version) = key_seq(m);
-        sqlx::query(AssertSqlSafe(self.insert.as_str()))
-            .bind(m.id.to_string())
-            .bind(agg)
-            .bind(version as i64)
+        herald::sql::Stmt::<DB>::new(&self.insert)
+            .text(&m.id.to_string())
+            .text(&agg)
+            .int(version as i64)
             .execute(tx)
             .await?;
         Ok(())
