@@ -13,9 +13,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use herald_core::{Error, Identifier, Message, OutboxStore, Result};
 use herald_mysql::{MySqlOutbox, MySqlOutboxWriter, migrate};
+use herald_testkit::sql_store;
 use herald_testkit::suite::{OpenTransaction, StoreHarness};
+
+type D = herald_mysql::MySqlDialect;
 use sqlx::AssertSqlSafe;
-use sqlx::{MySqlPool, Row};
+use sqlx::MySqlPool;
 
 struct MySql {
     pool: MySqlPool,
@@ -38,62 +41,22 @@ fn e(err: sqlx::Error) -> Error {
     Error::unavailable("mysql", err)
 }
 
-struct Open(sqlx::Transaction<'static, sqlx::MySql>);
-
-#[async_trait]
-impl OpenTransaction for Open {
-    async fn commit(self: Box<Self>) -> Result<()> {
-        self.0.commit().await.map_err(e)
-    }
-}
-
 #[async_trait]
 impl StoreHarness for MySql {
     async fn store(&self) -> Arc<dyn OutboxStore> {
-        Arc::new(
-            MySqlOutbox::new(self.pool.clone(), self.table.clone())
-                .await
-                .unwrap(),
-        )
+        sql_store::store::<D>(&self.pool, &self.table).await
     }
 
     async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()> {
-        let writer = MySqlOutboxWriter::new(&self.table);
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        for m in messages {
-            writer.enqueue(&mut tx, m).await?;
-        }
-        if commit {
-            tx.commit().await.map_err(e)
-        } else {
-            tx.rollback().await.map_err(e)
-        }
+        sql_store::enqueue::<D>(&self.pool, &self.table, messages, commit).await
     }
 
     async fn enqueue_open(&self, message: &Message) -> Result<Box<dyn OpenTransaction>> {
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        MySqlOutboxWriter::new(&self.table)
-            .enqueue(&mut tx, message)
-            .await?;
-        Ok(Box::new(Open(tx)))
+        sql_store::enqueue_open::<D>(&self.pool, &self.table, message).await
     }
 
-    async fn insert_plain(
-        &self,
-        destination: &str,
-        message_type: &str,
-        key: &str,
-        payload: &[u8],
-    ) -> Result<()> {
-        sqlx::query("INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) VALUES (?, ?, ?, ?)")
-            .bind(message_type)
-            .bind(destination)
-            .bind(key)
-            .bind(payload)
-            .execute(&self.pool)
-            .await
-            .map_err(e)?;
-        Ok(())
+    async fn insert_plain(&self, dest: &str, kind: &str, key: &str, payload: &[u8]) -> Result<()> {
+        sql_store::insert_plain::<D>(&self.pool, dest, kind, key, payload).await
     }
 
     async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
@@ -125,21 +88,11 @@ impl StoreHarness for MySql {
     }
 
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
-        sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', ?, '[1,2]', x'00')")
-            .bind(destination)
-            .execute(&self.pool)
-            .await
-            .map_err(e)?;
-        Ok(())
+        sql_store::insert_undecodable::<D>(&self.pool, destination).await
     }
 
     async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>> {
-        let rows =
-            sqlx::query("SELECT destination, reason FROM herald_outbox_dead_letter ORDER BY id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(e)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        sql_store::dead_letter_reasons::<D>(&self.pool).await
     }
 
     async fn cleanup(&self) {

@@ -6,10 +6,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Error, Identifier, Message, OutboxStore, Result};
-use herald_postgres::{PgOutbox, PgOutboxWriter, migrate};
+use herald_postgres::{PgOutbox, migrate};
+use herald_testkit::sql_store;
 use herald_testkit::suite::{OpenTransaction, StoreHarness};
+
+type D = herald_postgres::PgDialect;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool, Row};
+use sqlx::{AssertSqlSafe, PgPool};
 
 fn url() -> String {
     std::env::var("HERALD_TEST_POSTGRES")
@@ -51,62 +54,22 @@ fn e(err: sqlx::Error) -> Error {
     Error::unavailable("postgres", err)
 }
 
-struct Open(sqlx::Transaction<'static, sqlx::Postgres>);
-
-#[async_trait]
-impl OpenTransaction for Open {
-    async fn commit(self: Box<Self>) -> Result<()> {
-        self.0.commit().await.map_err(e)
-    }
-}
-
 #[async_trait]
 impl StoreHarness for Postgres {
     async fn store(&self) -> Arc<dyn OutboxStore> {
-        Arc::new(
-            PgOutbox::new(self.pool.clone(), self.table.clone())
-                .await
-                .unwrap(),
-        )
+        sql_store::store::<D>(&self.pool, &self.table).await
     }
 
     async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()> {
-        let writer = PgOutboxWriter::new(&self.table);
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        for m in messages {
-            writer.enqueue(&mut tx, m).await?;
-        }
-        if commit {
-            tx.commit().await.map_err(e)
-        } else {
-            tx.rollback().await.map_err(e)
-        }
+        sql_store::enqueue::<D>(&self.pool, &self.table, messages, commit).await
     }
 
     async fn enqueue_open(&self, message: &Message) -> Result<Box<dyn OpenTransaction>> {
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        PgOutboxWriter::new(&self.table)
-            .enqueue(&mut tx, message)
-            .await?;
-        Ok(Box::new(Open(tx)))
+        sql_store::enqueue_open::<D>(&self.pool, &self.table, message).await
     }
 
-    async fn insert_plain(
-        &self,
-        destination: &str,
-        message_type: &str,
-        key: &str,
-        payload: &[u8],
-    ) -> Result<()> {
-        sqlx::query("INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) VALUES ($1, $2, $3, $4)")
-            .bind(message_type)
-            .bind(destination)
-            .bind(key)
-            .bind(payload)
-            .execute(&self.pool)
-            .await
-            .map_err(e)?;
-        Ok(())
+    async fn insert_plain(&self, dest: &str, kind: &str, key: &str, payload: &[u8]) -> Result<()> {
+        sql_store::insert_plain::<D>(&self.pool, dest, kind, key, payload).await
     }
 
     async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
@@ -155,21 +118,11 @@ impl StoreHarness for Postgres {
     }
 
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
-        sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', $1, '[1,2]', '\\x00')")
-            .bind(destination)
-            .execute(&self.pool)
-            .await
-            .map_err(e)?;
-        Ok(())
+        sql_store::insert_undecodable::<D>(&self.pool, destination).await
     }
 
     async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>> {
-        let rows =
-            sqlx::query("SELECT destination, reason FROM herald_outbox_dead_letter ORDER BY id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(e)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        sql_store::dead_letter_reasons::<D>(&self.pool).await
     }
 
     async fn cleanup(&self) {

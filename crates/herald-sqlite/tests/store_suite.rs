@@ -4,10 +4,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use herald_core::{Identifier, Message, OutboxStore, Result};
-use herald_sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
+use herald_sqlite::{connect, migrate};
+use herald_testkit::sql_store;
 use herald_testkit::suite::{OpenTransaction, StoreHarness};
+
+type D = herald_sqlite::SqliteDialect;
 use sqlx::AssertSqlSafe;
-use sqlx::{Row, SqlitePool};
+use sqlx::SqlitePool;
 
 struct Sqlite {
     pool: SqlitePool,
@@ -38,18 +41,6 @@ async fn harness() -> Sqlite {
     }
 }
 
-struct Open(sqlx::Transaction<'static, sqlx::Sqlite>);
-
-#[async_trait]
-impl OpenTransaction for Open {
-    async fn commit(self: Box<Self>) -> Result<()> {
-        self.0
-            .commit()
-            .await
-            .map_err(|e| herald_core::Error::unavailable("sqlite", e))
-    }
-}
-
 fn e(err: sqlx::Error) -> herald_core::Error {
     herald_core::Error::unavailable("sqlite", err)
 }
@@ -57,24 +48,11 @@ fn e(err: sqlx::Error) -> herald_core::Error {
 #[async_trait]
 impl StoreHarness for Sqlite {
     async fn store(&self) -> Arc<dyn OutboxStore> {
-        Arc::new(
-            SqliteOutbox::new(self.pool.clone(), self.table.clone())
-                .await
-                .unwrap(),
-        )
+        sql_store::store::<D>(&self.pool, &self.table).await
     }
 
     async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()> {
-        let writer = SqliteOutboxWriter::new(&self.table);
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        for m in messages {
-            writer.enqueue(&mut tx, m).await?;
-        }
-        if commit {
-            tx.commit().await.map_err(e)
-        } else {
-            tx.rollback().await.map_err(e)
-        }
+        sql_store::enqueue::<D>(&self.pool, &self.table, messages, commit).await
     }
 
     fn concurrent_writers(&self) -> bool {
@@ -84,29 +62,11 @@ impl StoreHarness for Sqlite {
     }
 
     async fn enqueue_open(&self, message: &Message) -> Result<Box<dyn OpenTransaction>> {
-        let mut tx = self.pool.begin().await.map_err(e)?;
-        SqliteOutboxWriter::new(&self.table)
-            .enqueue(&mut tx, message)
-            .await?;
-        Ok(Box::new(Open(tx)))
+        sql_store::enqueue_open::<D>(&self.pool, &self.table, message).await
     }
 
-    async fn insert_plain(
-        &self,
-        destination: &str,
-        message_type: &str,
-        key: &str,
-        payload: &[u8],
-    ) -> Result<()> {
-        sqlx::query("INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) VALUES (?1, ?2, ?3, ?4)")
-            .bind(message_type)
-            .bind(destination)
-            .bind(key)
-            .bind(payload)
-            .execute(&self.pool)
-            .await
-            .map_err(e)?;
-        Ok(())
+    async fn insert_plain(&self, dest: &str, kind: &str, key: &str, payload: &[u8]) -> Result<()> {
+        sql_store::insert_plain::<D>(&self.pool, dest, kind, key, payload).await
     }
 
     async fn insert_raw(&self, r: &herald_testkit::poison::RawInsert) -> Result<()> {
@@ -150,21 +110,11 @@ impl StoreHarness for Sqlite {
     }
 
     async fn insert_undecodable(&self, destination: &str) -> Result<()> {
-        sqlx::query("INSERT INTO herald_outbox (message_type, destination, headers, payload) VALUES ('T', ?1, '[1,2]', x'00')")
-            .bind(destination)
-            .execute(&self.pool)
-            .await
-            .map_err(e)?;
-        Ok(())
+        sql_store::insert_undecodable::<D>(&self.pool, destination).await
     }
 
     async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>> {
-        let rows =
-            sqlx::query("SELECT destination, reason FROM herald_outbox_dead_letter ORDER BY id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(e)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        sql_store::dead_letter_reasons::<D>(&self.pool).await
     }
 }
 

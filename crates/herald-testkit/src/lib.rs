@@ -9,6 +9,7 @@ mod memory_store;
 pub mod poison;
 mod proxy;
 pub mod sql_effects;
+pub mod sql_store;
 pub mod suite;
 pub mod transport_suite;
 pub mod verify;
