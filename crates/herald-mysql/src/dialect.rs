@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use herald_core::{Claim, Error, Identifier, Lease, Result};
 use herald_sql::{Dialect, Migration, SqlOutbox, VersionCheck, db, is_connection_error};
 use sqlx::mysql::{MySqlDatabaseError, MySqlRow};
-use sqlx::{AssertSqlSafe, Connection, MySql, MySqlConnection, Row};
+use sqlx::{AssertSqlSafe, MySql, MySqlConnection, Row};
 
 /// MySQL's and MariaDB's [`Dialect`].
 ///
@@ -171,14 +171,7 @@ impl Dialect for MySqlDialect {
             .acquire()
             .await
             .map_err(|e| db::<Self>("starting a claim", e))?;
-        sqlx::query(Self::BEFORE_WRITE_TX.unwrap_or_default())
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| db::<Self>("starting a claim", e))?;
-        let mut tx = conn
-            .begin()
-            .await
-            .map_err(|e| db::<Self>("starting a claim", e))?;
+        let mut tx = SqlOutbox::<Self>::begin(&mut conn, "starting a claim").await?;
         let busy: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT DISTINCT ordering_key FROM {t} \
              WHERE lease_until >= UTC_TIMESTAMP(6) AND ordering_key IS NOT NULL"

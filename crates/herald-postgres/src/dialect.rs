@@ -143,6 +143,18 @@ impl Dialect for PgDialect {
         Ok((!have.is_empty()).then_some(have))
     }
 
+    fn claim_sql(table: &str, columns: &str) -> String {
+        format!(
+            "UPDATE {table} SET lease_owner = $1, lease_token = $2, lease_until = now() + $3 * interval '1 microsecond' \
+             WHERE id IN (SELECT o.id FROM {table} o \
+               WHERE (o.lease_until IS NULL OR o.lease_until < now()) \
+                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {table} e \
+                      WHERE e.lease_until >= now() AND e.ordering_key IS NOT NULL)) \
+               ORDER BY o.id LIMIT $4) \
+             RETURNING {columns}",
+        )
+    }
+
     /// One short transaction under an advisory lock: head-of-key claiming (see
     /// [`herald_core::store`]), free rows in id order whose key has no row under a live lease.
     /// The leased keys are read once per claim (a hashed subplan over the small partial index
@@ -156,17 +168,6 @@ impl Dialect for PgDialect {
         lease: Duration,
     ) -> Result<Claim> {
         let handle = Lease::start(lease);
-        let t = outbox.quoted_table();
-        let claim = format!(
-            "UPDATE {t} SET lease_owner = $1, lease_token = $2, lease_until = now() + $3 * interval '1 microsecond' \
-             WHERE id IN (SELECT o.id FROM {t} o \
-               WHERE (o.lease_until IS NULL OR o.lease_until < now()) \
-                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {t} e \
-                      WHERE e.lease_until >= now() AND e.ordering_key IS NOT NULL)) \
-               ORDER BY o.id LIMIT $4) \
-             RETURNING {cols}",
-            cols = outbox.claim_columns()
-        );
         let mut tx = outbox
             .pool()
             .begin()
@@ -182,7 +183,7 @@ impl Dialect for PgDialect {
         .execute(&mut *tx)
         .await
         .map_err(|e| db::<Self>("serialising claims", e))?;
-        let rows = sqlx::query(AssertSqlSafe(claim))
+        let rows = sqlx::query(AssertSqlSafe(outbox.claim_sql()))
             .bind(owner)
             .bind(handle.token)
             .bind(lease.as_micros() as f64)

@@ -187,21 +187,8 @@ impl<D: Dialect, H> Applier<D, H> {
         &self,
         r: &<D::DB as sqlx::Database>::Row,
     ) -> std::result::Result<RawRow, String> {
-        let e = |e: sqlx::Error| e.to_string();
-        Ok(RawRow {
-            seq: <D::DB as SqlDb>::get_i64(r, "id").map_err(e)?,
-            message_id: <D::DB as SqlDb>::get_text(r, "message_id").map_err(e)?,
-            kind: <D::DB as SqlDb>::get_text(r, "kind").map_err(e)?,
-            message_type: <D::DB as SqlDb>::get_text(r, "message_type").map_err(e)?,
-            source: <D::DB as SqlDb>::get_text(r, "source").map_err(e)?,
-            destination: <D::DB as SqlDb>::get_text(r, "destination").map_err(e)?,
-            ordering_key: <D::DB as SqlDb>::get_opt_text(r, "ordering_key").map_err(e)?,
-            headers: <D::DB as SqlDb>::get_text(r, "headers").map_err(e)?,
-            content_type: <D::DB as SqlDb>::get_text(r, "content_type").map_err(e)?,
-            payload: <D::DB as SqlDb>::get_bytes(r, "payload").map_err(e)?,
-            created_at_micros: D::read_micros(r, "created_at")?.unwrap_or_default(),
-            attempts: <D::DB as SqlDb>::get_i32(r, "attempts").map_err(e)?,
-        })
+        let created_at = D::read_micros(r, "created_at")?.unwrap_or_default();
+        crate::outbox::raw_row::<D>(r, created_at)
     }
 }
 

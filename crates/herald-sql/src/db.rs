@@ -244,9 +244,7 @@ pub fn lossy_text<DB: SqlDb>(row: &DB::Row, col: &str) -> String {
     if let Ok(Some(s)) = DB::get_opt_text(row, col) {
         return s;
     }
-    DB::get_opt_bytes(row, col)
-        .ok()
-        .flatten()
+    DB::get_raw_bytes(row, col)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }

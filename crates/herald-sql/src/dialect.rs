@@ -202,6 +202,13 @@ pub trait Dialect: Sized + Send + Sync + 'static {
         table: &Identifier,
     ) -> Result<Option<Vec<String>>>;
 
+    /// The claim statement for quoted table `table` returning `columns`, if the dialect's claim
+    /// is one fixed statement (built once per outbox; read with [`SqlOutbox::claim_sql`]).
+    fn claim_sql(table: &str, columns: &str) -> String {
+        let _ = (table, columns);
+        String::new()
+    }
+
     /// Leases up to `max` rows of `outbox` by head-of-key claiming (see
     /// [`herald_core::store`]), parking rows that cannot be decoded.
     async fn claim(

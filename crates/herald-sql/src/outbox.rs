@@ -40,6 +40,7 @@ struct Sql {
     table: Identifier,
     quoted: String,
     columns: String,
+    claim: String,
     release_head: String,
     complete_head: String,
     reject: String,
@@ -72,6 +73,7 @@ impl<D: Dialect> SqlOutbox<D> {
             created = D::select_micros("created_at"),
         );
         let sql = Sql {
+            claim: D::claim_sql(&t, &columns),
             columns,
             complete_head: D::complete_head(&t),
             release_head: D::release_head(&t),
@@ -129,6 +131,11 @@ impl<D: Dialect> SqlOutbox<D> {
         &self.sql.quoted
     }
 
+    /// The dialect's claim statement for this table ([`Dialect::claim_sql`]), built once.
+    pub fn claim_sql(&self) -> &str {
+        &self.sql.claim
+    }
+
     /// The select list a claim returns, for [`decode_claimed`](Self::decode_claimed).
     pub fn claim_columns(&self) -> &str {
         &self.sql.columns
@@ -147,7 +154,10 @@ impl<D: Dialect> SqlOutbox<D> {
         for r in rows {
             let seq = <D::DB as SqlDb>::get_i64(r, "id")
                 .map_err(|e| db::<D>("reading a claimed row's id", e))?;
-            match raw_row::<D>(r).and_then(RawRow::decode) {
+            let row = D::read_micros(r, "created_at")
+                .and_then(|t| t.ok_or_else(|| "created_at is NULL".to_owned()))
+                .and_then(|t| raw_row::<D>(r, t));
+            match row.and_then(RawRow::decode) {
                 Ok(row) => claimed.push(row),
                 Err(reason) => {
                     tracing::warn!(seq, %reason, "outbox row cannot be decoded; dead-lettering it");
@@ -232,8 +242,12 @@ impl<D: Dialect> SqlOutbox<D> {
         Ok(D::rows_affected(&done))
     }
 
-    /// Begins one of the relay's write transactions on `conn`.
-    async fn begin<'c>(conn: &'c mut Conn<D>, what: &str) -> Result<sqlx::Transaction<'c, D::DB>> {
+    /// Begins one of the relay's write transactions on `conn` (after the dialect's
+    /// [`BEFORE_WRITE_TX`](Dialect::BEFORE_WRITE_TX), if any).
+    pub async fn begin<'c>(
+        conn: &'c mut Conn<D>,
+        what: &str,
+    ) -> Result<sqlx::Transaction<'c, D::DB>> {
         if let Some(before) = D::BEFORE_WRITE_TX {
             Stmt::<D::DB>::new(before)
                 .execute(&mut *conn)
@@ -244,8 +258,13 @@ impl<D: Dialect> SqlOutbox<D> {
     }
 }
 
-/// Reads a claimed row's columns; a value of the wrong type is the row's reason.
-fn raw_row<D: Dialect>(r: &DbRow<D>) -> std::result::Result<RawRow, String> {
+/// Reads a row selected with the outbox's columns; a value of the wrong type is the row's
+/// reason. `created_at_micros` is the row's time, read by the caller (it decides what a `NULL`
+/// means).
+pub(crate) fn raw_row<D: Dialect>(
+    r: &DbRow<D>,
+    created_at_micros: i64,
+) -> std::result::Result<RawRow, String> {
     let e = |e: sqlx::Error| e.to_string();
     type S<D> = <D as Dialect>::DB;
     Ok(RawRow {
@@ -259,8 +278,7 @@ fn raw_row<D: Dialect>(r: &DbRow<D>) -> std::result::Result<RawRow, String> {
         headers: <S<D> as SqlDb>::get_text(r, "headers").map_err(e)?,
         content_type: <S<D> as SqlDb>::get_text(r, "content_type").map_err(e)?,
         payload: <S<D> as SqlDb>::get_bytes(r, "payload").map_err(e)?,
-        created_at_micros: D::read_micros(r, "created_at")?
-            .ok_or_else(|| "created_at is NULL".to_owned())?,
+        created_at_micros,
         attempts: <S<D> as SqlDb>::get_i32(r, "attempts").map_err(e)?,
     })
 }

@@ -116,6 +116,18 @@ impl Dialect for SqliteDialect {
         Ok((!have.is_empty()).then_some(have))
     }
 
+    fn claim_sql(table: &str, columns: &str) -> String {
+        format!(
+            "UPDATE {table} SET lease_owner = ?1, lease_token = ?2, lease_until = ?3 \
+             WHERE id IN (SELECT o.id FROM {table} o \
+               WHERE (o.lease_until IS NULL OR o.lease_until < ?4) \
+                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {table} e \
+                      WHERE e.lease_until >= ?4 AND e.ordering_key IS NOT NULL)) \
+               ORDER BY o.id LIMIT ?5) \
+             RETURNING {columns}",
+        )
+    }
+
     /// Head-of-key claiming in a `BEGIN IMMEDIATE` transaction: a row is free if unleased (or
     /// its lease expired) and no row of its key is under a live lease; the busy keys are read
     /// once per claim through the partial index `<table>_leased_idx`. Taking rows in id order
@@ -129,23 +141,12 @@ impl Dialect for SqliteDialect {
         let handle = Lease::start(lease);
         let now = to_micros(SystemTime::now());
         let until = now + lease.as_micros() as i64;
-        let t = outbox.quoted_table();
-        let claim = format!(
-            "UPDATE {t} SET lease_owner = ?1, lease_token = ?2, lease_until = ?3 \
-             WHERE id IN (SELECT o.id FROM {t} o \
-               WHERE (o.lease_until IS NULL OR o.lease_until < ?4) \
-                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {t} e \
-                      WHERE e.lease_until >= ?4 AND e.ordering_key IS NOT NULL)) \
-               ORDER BY o.id LIMIT ?5) \
-             RETURNING {cols}",
-            cols = outbox.claim_columns()
-        );
         let mut tx = outbox
             .pool()
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| db::<Self>("starting a claim", e))?;
-        let rows = sqlx::query(AssertSqlSafe(claim))
+        let rows = sqlx::query(AssertSqlSafe(outbox.claim_sql()))
             .bind(owner)
             .bind(handle.token)
             .bind(until)
