@@ -32,13 +32,14 @@ pub struct RelayArgs {
     /// Concurrent claim-publish-mark loops.
     #[arg(long, env = "HERALD_WORKERS", default_value_t = 2)]
     workers: usize,
-    /// Lease length: how long claimed rows are exclusive to this relay.
-    #[arg(long, env = "HERALD_LEASE", default_value = "30s", value_parser = parse_duration)]
+    /// Takeover bound: if this relay dies (killed, paused, cut off from the database), another
+    /// relay continues its work within this. It heart-beats every eighth of it.
+    #[arg(long, env = "HERALD_LEASE", default_value = "2s", value_parser = parse_duration)]
     lease: Duration,
     /// Longest wait between polls when idle.
     #[arg(long, env = "HERALD_POLL_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     poll_interval: Duration,
-    /// How long to wait for the broker's confirmations of a batch (at most half the lease).
+    /// How long to wait for the broker's confirmations of a batch.
     #[arg(long, env = "HERALD_PUBLISH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     publish_timeout: Duration,
     /// Attempts for a message the broker rejects (an unroutable command) before it is
@@ -55,7 +56,7 @@ pub struct RelayArgs {
     /// Largest message published (1024 to 1073741824); larger ones are dead-lettered.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     max_message_bytes: usize,
-    /// Name of this relay in leases and logs.
+    /// Name of this relay in heartbeats, `herald status` and logs.
     #[arg(long, env = "HERALD_RELAY_ID")]
     relay_id: Option<String>,
     /// Publish what can be published, then exit: 0 once the outbox is empty, 1 (saying why) if rows
@@ -159,13 +160,22 @@ struct DuringMark(Arc<dyn OutboxStore>);
 
 #[async_trait::async_trait]
 impl OutboxStore for DuringMark {
-    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> herald::Result<Claim> {
-        self.0.claim(owner, max, lease).await
+    async fn heartbeat(&self, beat: &herald::Heartbeat<'_>) -> herald::Result<herald::Holdings> {
+        self.0.heartbeat(beat).await
+    }
+    async fn leave(&self, incarnation: i64) -> herald::Result<()> {
+        self.0.leave(incarnation).await
+    }
+    async fn relays(&self) -> herald::Result<Vec<herald::RelayStatus>> {
+        self.0.relays().await
+    }
+    async fn claim(&self, lease: &Lease, max: usize, cap: Duration) -> herald::Result<Claim> {
+        self.0.claim(lease, max, cap).await
     }
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> herald::Result<u64> {
         let delay = Duration::from_micros(fastrand::u64(0..1000));
         let inner = self.0.clone();
-        let (lease, seqs) = (*lease, seqs.to_vec());
+        let (lease, seqs) = (lease.clone(), seqs.to_vec());
         let mark = tokio::spawn(async move { inner.complete(&lease, &seqs).await });
         tokio::time::sleep(delay).await;
         let done = mark.is_finished();
@@ -239,6 +249,9 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
             r = drain(&relay) => r,
             () = shutdown => Ok(None),
         };
+        if let Err(e) = relay.leave().await {
+            warn!(error = %e.chain(), "could not release the partitions");
+        }
         match drained {
             Ok(gave_up) => {
                 if let Some(error) = gave_up {
@@ -303,6 +316,11 @@ async fn drain(relay: &Relay) -> anyhow::Result<Option<String>> {
     let mut backoff =
         herald::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let mut failing_since: Option<Instant> = None;
+    let _alive = relay.keep_alive();
+    // Partitions another relay holds (or a dead one, until it is taken over) come to this one
+    // within a lease or two; past that, whoever holds them is alive and publishing them.
+    let mut idle_since = Instant::now();
+    let patience = 2 * relay.config().lease;
     loop {
         let report = relay.tick().await?;
         if let Some(error) = report.broker_error {
@@ -315,9 +333,14 @@ async fn drain(relay: &Relay) -> anyhow::Result<Option<String>> {
             }
             tokio::time::sleep(backoff.next_delay()).await;
         } else if report.claimed == 0 {
-            return Ok(None);
+            let (_, held, of) = relay.holdings();
+            if held.len() == of as usize || idle_since.elapsed() >= patience {
+                return Ok(None);
+            }
+            tokio::time::sleep(relay.config().heartbeat_interval()).await;
         } else {
             failing_since = None;
+            idle_since = Instant::now();
         }
     }
 }

@@ -305,6 +305,8 @@ async fn abort_between_confirm_and_mark_duplicates_never_loses() {
             "1s",
             "--publish-timeout",
             "500ms",
+            "--workers",
+            "1",
             "--failpoint",
             "after-confirm",
         ],
@@ -318,7 +320,7 @@ async fn abort_between_confirm_and_mark_duplicates_never_loses() {
     assert!(stderr(&out).contains("failpoint"), "{}", stderr(&out));
     assert_eq!(db.pending().await, 5, "nothing was marked");
 
-    // A new relay takes over once the dead relay's lease has expired.
+    // A new relay takes over once the dead relay stopped heart-beating.
     let mut next = relay(&db, &["--lease", "1s", "--publish-timeout", "500ms"])
         .spawn()
         .unwrap();
@@ -337,7 +339,15 @@ async fn abort_at_then_recover(point: &str) -> (i64, usize) {
     let topic = unique("failpoint");
     let mut listener = Listener::bind(&topic).await;
     db.insert_plain(&topic, 5, 2).await;
-    let quick = ["--lease", "1s", "--publish-timeout", "500ms"];
+    // One worker: the whole outbox is one batch, so the failpoint sees all of it.
+    let quick = [
+        "--lease",
+        "1s",
+        "--publish-timeout",
+        "500ms",
+        "--workers",
+        "1",
+    ];
     let mut args = quick.to_vec();
     args.extend(["--failpoint", point]);
     let out = relay(&db, &args).output().unwrap();
@@ -569,9 +579,9 @@ async fn invalid_configuration_fails_clearly() {
                 "--database".into(),
                 db.url.clone(),
                 "--lease".into(),
-                "1s".into(),
+                "100ms".into(),
             ],
-            "publish timeout",
+            "heart-beats",
         ),
         (
             vec![

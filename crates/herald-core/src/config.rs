@@ -150,14 +150,17 @@ impl fmt::Display for SecretUrl {
 /// rejects values that cannot work.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Name of this relay instance, recorded as the lease owner. Default: host-pid-random.
+    /// Name of this relay instance, recorded with its heartbeats. Default: host-pid-random.
     pub relay_id: String,
     /// Rows claimed per batch. Default 256.
     pub batch_size: usize,
     /// Concurrent claim-publish-mark loops in this process. Default 2.
     pub workers: usize,
-    /// How long a claim is exclusive. A relay stops publishing a batch once half of it has
-    /// passed, so a paused relay cannot publish out of turn. Default 30 s.
+    /// The takeover bound: once this relay stops heart-beating (killed, paused, cut off from the
+    /// database), another relay holds its partitions within this. The relay heart-beats every
+    /// eighth of it ([`heartbeat_interval`](Self::heartbeat_interval)), counts as alive for
+    /// three quarters of it after each heartbeat ([`liveness`](Self::liveness)), and stops
+    /// publishing an eighth before that runs out. Default 2 s.
     pub lease: Duration,
     /// Longest wait between polls when idle; polling starts at 1 ms after activity and doubles
     /// up to this. Default 100 ms.
@@ -191,7 +194,7 @@ impl Default for RelayConfig {
             relay_id: default_relay_id(),
             batch_size: 256,
             workers: 2,
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
             publish_timeout: Duration::from_secs(10),
             max_attempts: 5,
@@ -219,16 +222,10 @@ impl RelayConfig {
                 self.workers
             )));
         }
-        if self.lease < Duration::from_millis(100) {
+        if self.lease < Duration::from_millis(200) {
             return Err(Error::config(format!(
-                "lease {:?} is too short: use at least 100ms",
+                "lease {:?} is too short: use at least 200ms (the relay heart-beats every eighth of it)",
                 self.lease
-            )));
-        }
-        if self.publish_timeout * 2 > self.lease {
-            return Err(Error::config(format!(
-                "publish timeout {:?} must be at most half the lease {:?}, or a slow broker lets the lease expire mid-batch",
-                self.publish_timeout, self.lease
             )));
         }
         if self.max_attempts == 0 || self.max_attempts > 1000 {
@@ -243,9 +240,9 @@ impl RelayConfig {
                 self.publish_timeout
             )));
         }
-        if self.lease > Duration::from_secs(24 * 3600) {
+        if self.lease > Duration::from_secs(3600) {
             return Err(Error::config(format!(
-                "lease {:?} is too long: use at most 24h (a crashed relay's rows would wait that long)",
+                "lease {:?} is too long: use at most 1h (a crashed relay's keys would wait that long)",
                 self.lease
             )));
         }
@@ -287,6 +284,24 @@ impl RelayConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How often the relay heart-beats: an eighth of the lease.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / 8
+    }
+
+    /// How long the database counts this relay as alive after a heartbeat: the lease less two
+    /// heartbeat intervals (one for the survivor's next heartbeat, one in reserve).
+    pub fn liveness(&self) -> Duration {
+        self.lease - 2 * self.heartbeat_interval()
+    }
+
+    /// Until when after sending a successful heartbeat the relay may publish: the liveness less
+    /// one heartbeat interval, so a publish started just before still lands before anyone can
+    /// take over.
+    pub fn publish_window(&self) -> Duration {
+        self.liveness() - self.heartbeat_interval()
     }
 
     /// The delay before attempt `attempts + 1` of a rejected message.
@@ -482,14 +497,14 @@ mod tests {
                 .contains("batch size")
         );
         let bad = RelayConfig {
-            lease: Duration::from_secs(5),
+            lease: Duration::from_millis(100),
             ..RelayConfig::default()
         };
         assert!(
             bad.validate()
                 .unwrap_err()
                 .to_string()
-                .contains("publish timeout")
+                .contains("heart-beats")
         );
     }
 }

@@ -1,13 +1,16 @@
-//! The relay: claim a batch from the outbox, publish it, wait for the broker's confirmations, mark.
+//! The relay: heart-beat to hold partitions of the outbox, read a batch of them, publish it, wait
+//! for the broker's confirmations, mark.
 //!
 //! A message is deleted from the outbox only after the broker positively confirmed it, so a crash
-//! anywhere in between leaves the row in place and it is published again once the lease expires:
-//! a duplicate, never a loss. Leases are committed before publishing and carry a fencing token, so
-//! a relay that was paused past its lease finds its marks refused and stops publishing that batch.
+//! anywhere in between leaves the row in place and it is published again by whoever holds its
+//! partition next: a duplicate, never a loss. A relay that stops heart-beating loses its
+//! partitions to another relay within the lease ([`crate::membership`]); its own incarnation is
+//! the fencing token, so if it was only paused it finds its marks refused, and it stops
+//! publishing once its local deadline passes.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
@@ -16,8 +19,9 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::RelayConfig;
 use crate::error::{Error, Result};
+use crate::membership::{Heartbeat, RelayInfo, Standing, new_incarnation};
 use crate::message::Message;
-use crate::store::{OutboxStore, RejectionOutcome};
+use crate::store::{Lease, OutboxStore, RejectionOutcome};
 use crate::transport::Transport;
 
 /// Points in a tick where a test or `herald relay --failpoint` can crash the relay on purpose.
@@ -77,6 +81,12 @@ pub struct RelayCounters {
     pub lease_lost: AtomicU64,
     /// Ticks that hit a broker outage.
     pub broker_errors: AtomicU64,
+    /// Partitions this relay took over from relays that stopped heart-beating.
+    pub partitions_taken_over: AtomicU64,
+    /// Times this relay was itself taken over (it was paused or cut off too long) and rejoined.
+    pub taken_over: AtomicU64,
+    /// Heartbeats that failed (database unreachable or slow).
+    pub heartbeat_errors: AtomicU64,
 }
 
 /// Wakes an idle relay at once, e.g. right after the application committed an outbox row in the
@@ -85,8 +95,9 @@ pub struct RelayCounters {
 pub struct Waker(Arc<Notify>);
 
 impl Waker {
-    /// Wakes one idle relay worker.
+    /// Wakes the idle relay workers (a commit may be in any worker's partitions).
     pub fn wake(&self) {
+        self.0.notify_waiters();
         self.0.notify_one();
     }
 }
@@ -106,6 +117,80 @@ struct Inner {
     failpoint: Option<FailpointHook>,
     /// `config.attempts_before_dead_letter()`, computed once.
     dead_letter_after: u32,
+    members: Members,
+}
+
+/// This relay's membership: who it is, what it holds, and which partitions have a batch in
+/// flight.
+struct Members {
+    info: RelayInfo,
+    standing: Arc<Standing>,
+    state: Mutex<MemberState>,
+    /// One heartbeat at a time.
+    beating: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct MemberState {
+    incarnation: i64,
+    joined: bool,
+    partitions: u32,
+    held: BTreeSet<u32>,
+    surplus: Vec<u32>,
+    /// Partitions read by a batch still running (possibly of an earlier incarnation).
+    busy: HashMap<u32, usize>,
+    last_beat: Option<tokio::time::Instant>,
+}
+
+/// Heart-beats in the background while held ([`Relay::keep_alive`]).
+pub struct KeepAlive {
+    _task: AbortOnDrop,
+    _stop: watch::Sender<bool>,
+}
+
+/// A task aborted when the handle drops.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    async fn join(mut self) {
+        if let Some(h) = self.0.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// Marks partitions busy while a batch over them runs.
+struct Busy<'a> {
+    members: &'a Members,
+    partitions: Vec<u32>,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut st = self.members.lock();
+        for p in &self.partitions {
+            if let Some(n) = st.busy.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    st.busy.remove(p);
+                }
+            }
+        }
+    }
+}
+
+impl Members {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemberState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Relay {
@@ -127,6 +212,16 @@ impl Relay {
     ) -> Result<Relay> {
         config.validate()?;
         let dead_letter_after = config.attempts_before_dead_letter();
+        let incarnation = new_incarnation();
+        let members = Members {
+            info: RelayInfo::this_process(&config.relay_id),
+            standing: Standing::new(incarnation, tokio::time::Instant::now()),
+            state: Mutex::new(MemberState {
+                incarnation,
+                ..MemberState::default()
+            }),
+            beating: tokio::sync::Mutex::new(()),
+        };
         Ok(Relay {
             inner: Arc::new(Inner {
                 store,
@@ -136,6 +231,7 @@ impl Relay {
                 counters: RelayCounters::default(),
                 failpoint,
                 dead_letter_after,
+                members,
             }),
         })
     }
@@ -161,20 +257,210 @@ impl Relay {
         }
     }
 
-    /// One claim-publish-mark round. Returns what it did; an `Err` is a database error (the
-    /// broker's errors are reported in [`TickReport::broker_error`]).
+    /// This relay's current incarnation and the partitions it holds (of how many).
+    pub fn holdings(&self) -> (i64, Vec<u32>, u32) {
+        let st = self.inner.members.lock();
+        (
+            st.incarnation,
+            st.held.iter().copied().collect(),
+            st.partitions,
+        )
+    }
+
+    /// One heartbeat: registers or renews this relay's incarnation, gives up idle surplus
+    /// partitions, and takes what the store grants. If the incarnation was taken over (the
+    /// relay was paused or cut off past its liveness), every batch in flight stops being
+    /// publishable and the relay rejoins as a new incarnation.
+    pub async fn heartbeat(&self) -> Result<()> {
+        let m = &self.inner.members;
+        let _one = m.beating.lock().await;
+        let cfg = &self.inner.config;
+        for _ in 0..2 {
+            let (incarnation, joining, release) = {
+                let mut st = m.lock();
+                let release: Vec<u32> = st
+                    .surplus
+                    .iter()
+                    .copied()
+                    .filter(|p| !st.busy.contains_key(p))
+                    .collect();
+                for p in &release {
+                    st.held.remove(p);
+                }
+                (st.incarnation, !st.joined, release)
+            };
+            let sent = tokio::time::Instant::now();
+            let beat = Heartbeat {
+                incarnation,
+                joining,
+                relay: &m.info,
+                ttl: cfg.liveness(),
+                release: &release,
+            };
+            let holdings = match self.inner.store.heartbeat(&beat).await {
+                Ok(h) => h,
+                Err(e) => {
+                    self.count(&self.inner.counters.heartbeat_errors, 1);
+                    return Err(e);
+                }
+            };
+            if !holdings.alive {
+                let fresh = new_incarnation();
+                warn!(
+                    relay = %cfg.relay_id,
+                    incarnation,
+                    "this relay did not heart-beat in time and was taken over; it drops its batches in flight and rejoins"
+                );
+                self.count(&self.inner.counters.taken_over, 1);
+                m.standing.reincarnate(fresh);
+                let mut st = m.lock();
+                st.incarnation = fresh;
+                st.joined = false;
+                st.held.clear();
+                st.surplus.clear();
+                continue;
+            }
+            let gained = {
+                let mut st = m.lock();
+                let before = st.held.clone();
+                st.joined = true;
+                st.partitions = holdings.partitions;
+                st.held = holdings.held.iter().copied().collect();
+                st.surplus = holdings.surplus.clone();
+                st.last_beat = Some(sent);
+                st.held.difference(&before).count()
+            };
+            m.standing.renew(sent + cfg.publish_window());
+            for t in &holdings.took_over {
+                warn!(
+                    from = %t.from,
+                    incarnation = t.incarnation,
+                    partitions = ?t.partitions,
+                    "took over the partitions of a relay that stopped heart-beating"
+                );
+                self.count(
+                    &self.inner.counters.partitions_taken_over,
+                    t.partitions.len(),
+                );
+            }
+            if joining || gained > 0 || !release.is_empty() {
+                info!(
+                    relay = %cfg.relay_id,
+                    held = holdings.held.len(),
+                    of = holdings.partitions,
+                    live_relays = holdings.live_relays,
+                    "partitions"
+                );
+            }
+            if gained > 0 {
+                self.inner.waker.wake();
+            }
+            return Ok(());
+        }
+        Err(Error::unavailable(
+            "outbox",
+            "the relay was taken over again right after rejoining",
+        ))
+    }
+
+    /// Keeps this relay's partitions held by heart-beating in the background until the guard
+    /// drops, for callers that drive [`tick`](Self::tick) themselves ([`run`](Self::run) does
+    /// this on its own).
+    pub fn keep_alive(&self) -> KeepAlive {
+        let (stop, rx) = watch::channel(false);
+        let relay = self.clone();
+        KeepAlive {
+            _task: AbortOnDrop(Some(tokio::spawn(
+                async move { relay.heartbeat_loop(rx).await },
+            ))),
+            _stop: stop,
+        }
+    }
+
+    /// Gives up this relay's partitions now and records the stop: another relay takes them at
+    /// its next heartbeat. Call it after the last tick (`run` does).
+    pub async fn leave(&self) -> Result<()> {
+        let incarnation = self.inner.members.lock().incarnation;
+        self.inner.store.leave(incarnation).await?;
+        let mut st = self.inner.members.lock();
+        st.held.clear();
+        st.joined = false;
+        self.inner.members.standing.reincarnate(new_incarnation());
+        st.incarnation = self.inner.members.standing.incarnation();
+        Ok(())
+    }
+
+    /// Heart-beats unless one ran recently (within two intervals: the heartbeat loop of `run`
+    /// or `keep_alive` normally got there first).
+    async fn heartbeat_if_due(&self) -> Result<()> {
+        let due = {
+            let st = self.inner.members.lock();
+            !st.joined
+                || st
+                    .last_beat
+                    .is_none_or(|t| t.elapsed() >= 2 * self.inner.config.heartbeat_interval())
+        };
+        if due { self.heartbeat().await } else { Ok(()) }
+    }
+
+    /// The partitions worker `worker` of `workers` reads now (`p mod workers == worker`, held,
+    /// no batch of them in flight), marked busy until the guard drops.
+    fn take_share(&self, worker: usize, workers: usize) -> Option<(Lease, Busy<'_>)> {
+        let m = &self.inner.members;
+        let mut st = m.lock();
+        if !st.joined {
+            return None;
+        }
+        let mine: Vec<u32> = st
+            .held
+            .iter()
+            .copied()
+            .filter(|p| *p as usize % workers == worker && !st.busy.contains_key(p))
+            .collect();
+        if mine.is_empty() {
+            return None;
+        }
+        for p in &mine {
+            *st.busy.entry(*p).or_default() += 1;
+        }
+        let all = mine.len() == st.partitions as usize;
+        let lease = Lease::new(
+            st.incarnation,
+            (!all).then(|| mine.clone()),
+            st.partitions,
+            m.standing.clone(),
+        );
+        Some((
+            lease,
+            Busy {
+                members: m,
+                partitions: mine,
+            },
+        ))
+    }
+
+    /// One read-publish-mark round over every partition this relay holds (heart-beating first
+    /// if one is due). Returns what it did; an `Err` is a database error (the broker's errors
+    /// are reported in [`TickReport::broker_error`]).
     ///
-    /// Every claimed row ends the tick in exactly one state: published (deleted), released or
-    /// waiting for a retry (its error on the row), or dead-lettered with a reason. Per-key order
-    /// holds under rejections: once a row of a key is not confirmed (rejected, outcome unknown),
-    /// no later row of that key in the batch counts as published before it; those rows are
-    /// released and published again after it (a duplicate at worst, never out of turn).
+    /// Every row read ends the tick in exactly one state: published (deleted), left in place
+    /// (its error on the row) or waiting for a retry, or dead-lettered with a reason. Per-key
+    /// order holds under rejections: once a row of a key is not confirmed (rejected, outcome
+    /// unknown), no later row of that key in the batch counts as published before it; those
+    /// rows stay and are published again after it (a duplicate at worst, never out of turn).
     pub async fn tick(&self) -> Result<TickReport> {
+        self.tick_share(0, 1).await
+    }
+
+    async fn tick_share(&self, worker: usize, workers: usize) -> Result<TickReport> {
+        self.heartbeat_if_due().await?;
         let cfg = &self.inner.config;
         let store = &self.inner.store;
-        let claim = store
-            .claim(&cfg.relay_id, cfg.batch_size, cfg.lease)
-            .await?;
+        let Some((lease, _busy)) = self.take_share(worker, workers) else {
+            return Ok(TickReport::default());
+        };
+        let hold_cap = cfg.retry_delay_max + cfg.lease;
+        let claim = store.claim(&lease, cfg.batch_size, hold_cap).await?;
         let mut report = TickReport {
             claimed: claim.rows.len() + claim.parked,
             dead_lettered: claim.parked,
@@ -184,35 +470,26 @@ impl Relay {
         if claim.rows.is_empty() {
             return Ok(report);
         }
-        let lease = claim.lease;
         debug!(
             token = lease.token,
             rows = claim.rows.len(),
             parked = claim.parked,
-            "claimed"
+            "read"
         );
         self.hit(Failpoint::AfterClaim);
 
         // Messages no broker attempt can carry (over the size limit, against CloudEvents rules
         // or the transport's wire limits) are parked now, with the reason, before anything is
         // sent: a client crate never sees a value it would panic on, and the key moves on.
-        let all: Vec<i64> = claim.rows.iter().map(|r| r.seq).collect();
         let mut rows = Vec::with_capacity(claim.rows.len());
         for row in claim.rows {
             match self.unpublishable(&row.message) {
                 None => rows.push(row),
                 Some(reason) => {
-                    // A lost lease here means this row vanished (deleted by hand): the lease
-                    // itself cannot have passed to another relay while it is still usable,
-                    // which is checked before anything is published.
-                    if let Err(e) = self.reject(&lease, &row, &reason, 1, &mut report).await {
-                        // Give the batch back rather than leave it leased until the lease ends
-                        // (best effort: the database just failed).
-                        let _ = store
-                            .release(&lease, &all, "the relay's database failed")
-                            .await;
-                        return Err(e);
-                    }
+                    // A lost lease here means this row vanished (deleted by hand) or the
+                    // relay was taken over, which is checked before anything is published.
+                    // On a database error the batch stays in the outbox (nothing is leased).
+                    self.reject(&lease, &row, &reason, 1, &mut report).await?;
                 }
             }
         }
@@ -220,13 +497,14 @@ impl Relay {
             return Ok(report);
         }
 
-        // A relay that was paused (GC, SIGSTOP, a slow disk) may wake up after its lease passed
-        // to someone else. Publishing now could reorder a key, so it drops the batch instead.
-        if !lease.usable(cfg.lease) {
+        // A relay that was paused (GC, SIGSTOP, a slow disk) or cut off from the database may
+        // wake up after its partitions passed to someone else. Publishing now could reorder a
+        // key, so it drops the batch instead.
+        if !lease.usable() {
             warn!(
                 token = lease.token,
                 rows = rows.len(),
-                "lease expired before publishing; dropping batch"
+                "no heartbeat in time to publish this batch; dropping it (its rows stay in the outbox)"
             );
             return Ok(self.lease_lost(report, lease.token, rows.len()));
         }
@@ -304,7 +582,7 @@ impl Relay {
                 let lost = confirmed.len() - marked;
                 warn!(
                     token = lease.token,
-                    lost, "lease lost before marking; these messages will be published again"
+                    lost, "taken over before marking; these messages will be published again"
                 );
                 report = self.lease_lost(report, lease.token, lost);
             }
@@ -354,7 +632,7 @@ impl Relay {
     async fn publish_in_waves(
         &self,
         rows: &[crate::store::OutboxRow],
-        lease: &crate::store::Lease,
+        lease: &Lease,
     ) -> Vec<Option<Result<()>>> {
         let cfg = &self.inner.config;
         // A message's wave: no earlier than its key's (a key's messages keep their order),
@@ -387,7 +665,7 @@ impl Relay {
         let mut results: Vec<Option<Result<()>>> = (0..rows.len()).map(|_| None).collect();
         let mut failed: HashSet<&str> = HashSet::new();
         for wave in 0..=last_wave {
-            if wave > 0 && !lease.usable(cfg.lease) {
+            if wave > 0 && !lease.usable() {
                 break;
             }
             let send: Vec<usize> = (0..rows.len())
@@ -404,8 +682,8 @@ impl Relay {
                 continue;
             }
             let messages: Vec<Message> = send.iter().map(|i| rows[*i].message.clone()).collect();
-            // Each wave has the whole publish timeout: none starts once the lease is past half,
-            // so the last one still ends within the lease.
+            // Each wave has the whole publish timeout; the heartbeat keeps the partitions held
+            // meanwhile, and no wave starts once the relay's deadline has passed.
             let sent = match tokio::time::timeout(
                 cfg.publish_timeout,
                 self.inner.transport.publish(&messages),
@@ -472,7 +750,7 @@ impl Relay {
 
     async fn reject(
         &self,
-        lease: &crate::store::Lease,
+        lease: &Lease,
         row: &crate::store::OutboxRow,
         reason: &str,
         max_attempts: u32,
@@ -511,17 +789,24 @@ impl Relay {
         Ok(outcome)
     }
 
-    /// Runs `workers` claim-publish-mark loops until `shutdown` completes, then lets every
-    /// in-flight batch finish (publish and mark) before returning, so a graceful stop causes no
-    /// duplicates. The wait is bounded by the lease: a batch still running then (a database or
-    /// broker that stopped answering) is abandoned, and its rows are claimed again once their
-    /// lease ends (a duplicate at worst, never a loss). Broker and database outages are retried
-    /// forever with capped, jittered backoff; only a non-transient database error (such as a
-    /// missing table) ends the run early.
+    /// Heart-beats, then runs `workers` read-publish-mark loops until `shutdown` completes;
+    /// then lets every in-flight batch finish (publish and mark) before giving its partitions
+    /// up, so a graceful stop causes no duplicates and another relay continues at its next
+    /// heartbeat. The wait is bounded by the publish timeout plus the lease: a batch still
+    /// running then (a database or broker that stopped answering) is abandoned, and its rows are
+    /// read again by the partitions' next holder (a duplicate at worst, never a loss). Broker and
+    /// database outages are retried forever with capped, jittered backoff; only a non-transient
+    /// database error (such as a missing table) ends the run early.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        if let Err(e) = self.heartbeat().await {
+            if !e.is_transient() {
+                return Err(e);
+            }
+            warn!(error = %e.chain(), "first heartbeat failed; retrying");
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_tx = Arc::new(stop_tx);
         let signal = {
@@ -531,16 +816,24 @@ impl Relay {
                 let _ = stop_tx.send(true);
             })
         };
+        // The heartbeat outlives the workers: batches finishing after the stop still need the
+        // partitions held.
+        let (beat_stop, beat_rx) = watch::channel(false);
+        // Aborted if this future is dropped (a killed task): no heartbeat outlives the relay.
+        let beater = AbortOnDrop(Some({
+            let relay = self.clone();
+            tokio::spawn(async move { relay.heartbeat_loop(beat_rx).await })
+        }));
+        let signal = AbortOnDrop(Some(signal));
+        let workers_n = self.inner.config.workers;
         let mut workers = tokio::task::JoinSet::new();
-        for worker in 0..self.inner.config.workers {
+        for worker in 0..workers_n {
             let relay = self.clone();
             let stop = stop_rx.clone();
-            workers.spawn(async move { relay.worker_loop(worker, stop).await });
+            workers.spawn(async move { relay.worker_loop(worker, workers_n, stop).await });
         }
         let mut outcome = Ok(());
-        // After the stop, in-flight batches get at most a lease to finish (a database that
-        // stopped answering would otherwise hold the stop forever); what is abandoned then is
-        // claimed again by any relay once its lease ends: a duplicate at worst, never a loss.
+        let grace = self.inner.config.publish_timeout + self.inner.config.lease;
         let mut stopped = stop_rx.clone();
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -548,7 +841,7 @@ impl Relay {
                 None => tokio::select! {
                     joined = workers.join_next() => joined,
                     _ = stopped.changed() => {
-                        deadline = Some(tokio::time::Instant::now() + self.inner.config.lease);
+                        deadline = Some(tokio::time::Instant::now() + grace);
                         continue;
                     }
                 },
@@ -556,8 +849,8 @@ impl Relay {
                     Ok(joined) => joined,
                     Err(_) => {
                         warn!(
-                            waited = ?self.inner.config.lease,
-                            "in-flight batches did not finish within the lease after the stop; abandoning them"
+                            waited = ?grace,
+                            "in-flight batches did not finish after the stop; abandoning them"
                         );
                         workers.abort_all();
                         while let Some(joined) = workers.join_next().await {
@@ -576,7 +869,7 @@ impl Relay {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     // One worker hit a permanent error: stop the others gracefully too (each
-                    // finishes its in-flight batch, so no lease is left behind needlessly).
+                    // finishes its in-flight batch).
                     if outcome.is_ok() {
                         outcome = Err(e);
                     }
@@ -586,11 +879,52 @@ impl Relay {
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
         }
-        signal.abort();
+        drop(signal);
+        let _ = beat_stop.send(true);
+        beater.join().await;
+        match self.leave().await {
+            Ok(()) => info!(relay = %self.inner.config.relay_id, "partitions released"),
+            Err(e) => warn!(
+                error = %e.chain(),
+                "could not release the partitions; another relay takes them once this one's liveness ends"
+            ),
+        }
         outcome
     }
 
-    async fn worker_loop(&self, worker: usize, mut stop: watch::Receiver<bool>) -> Result<()> {
+    async fn heartbeat_loop(&self, mut stop: watch::Receiver<bool>) {
+        let every = self.inner.config.heartbeat_interval();
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            match self.heartbeat().await {
+                Ok(()) if failing => {
+                    info!("heartbeat recovered");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !failing {
+                        warn!(
+                            error = %e.chain(),
+                            "heartbeat failed; this relay stops publishing once its deadline passes, and another takes over unless the database answers"
+                        );
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+
+    async fn worker_loop(
+        &self,
+        worker: usize,
+        workers: usize,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<()> {
         let cfg = &self.inner.config;
         let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
         let mut idle = Duration::from_millis(1);
@@ -602,7 +936,7 @@ impl Relay {
             }
             // After an outage the wait is a backoff that a wake-up must not cut short; when idle
             // a wake-up (a commit in this process) ends the wait at once.
-            let (wait, wakeable) = match self.tick().await {
+            let (wait, wakeable) = match self.tick_share(worker, workers).await {
                 Ok(report) if report.broker_error.is_some() => {
                     let delay = backoff.next_delay();
                     warn!(

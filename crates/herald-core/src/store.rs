@@ -1,23 +1,25 @@
-//! The relay's side of the outbox: claiming rows, marking them published, dead-lettering poison.
+//! The relay's side of the outbox: heartbeats, reading rows, marking them published,
+//! dead-lettering poison.
 //!
 //! Contracts every implementation keeps (the conformance tests in `herald-testkit` check them):
 //!
-//! * **Claims are committed leases.** [`OutboxStore::claim`] commits the lease before it returns;
-//!   nothing is held open across publishing. Each claim gets a fresh fencing token.
-//! * **Head-of-key claiming.** A row is claimable only if no row with the same ordering key is
-//!   under a live lease (or waiting out a retry delay), and a claim takes rows in id order, so the
-//!   rows of one key that a relay holds are always the oldest pending ones of that key, and no
-//!   other relay holds any. (Leased rows of a key are always its oldest pending ones, so "no
-//!   leased row of the key" and "no earlier leased row" select the same rows; the first is
-//!   cheaper to evaluate, and also holds back a late-committing row with a lower id while a
-//!   later row of its key is in flight.) Claims are
-//!   serialised against each other so that two relays cannot both see a key as free.
-//! * **No high-water mark.** Every pending row is claimable whatever its id, so a transaction
-//!   that took a low id and committed late is published all the same.
+//! * **Partitions, one owner each.** Every ordering key belongs to one partition; a relay reads
+//!   only the partitions its live incarnation holds ([`crate::membership`]), and a heartbeat takes
+//!   a partition only when it is free or its owner stopped heart-beating and was marked taken
+//!   over, in a statement the database orders against that owner's renewal.
+//! * **Reads write nothing.** [`OutboxStore::claim`] selects the oldest publishable rows of the
+//!   given partitions, in id order; it changes no row (an undecodable one is moved to the dead
+//!   letters). The owner reads, publishes and marks its partitions one batch at a time, so the
+//!   rows of one key it holds are always the key's oldest pending ones.
+//! * **Retry delays hold the key.** A rejected row waits out its delay (`lease_until`), and no
+//!   later row of its key is read meanwhile.
+//! * **No high-water mark.** Every pending row is read whatever its id, so a transaction that
+//!   took a low id and committed late is published all the same.
 //! * **Fencing.** [`OutboxStore::complete`], [`OutboxStore::release`] and
-//!   [`OutboxStore::record_rejection`] only touch rows whose lease token still matches; they report
-//!   how many rows they touched so the relay can tell that its lease was lost.
+//!   [`OutboxStore::record_rejection`] do nothing for an incarnation that was taken over or
+//!   stopped; they report how many rows they touched so the relay can tell.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -25,32 +27,48 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 
 use crate::error::Result;
+use crate::membership::{Heartbeat, Holdings, RelayStatus, Standing};
 use crate::message::Message;
 
-/// A committed lease on claimed rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What one batch may read, and the fence its marks carry.
+#[derive(Debug, Clone)]
 pub struct Lease {
-    /// Fencing token written into every claimed row.
+    /// The relay incarnation holding the partitions: the fencing token.
     pub token: i64,
-    /// Local instant after which the relay must not publish these rows any more. It is taken
-    /// before the claim statement ran, so it is earlier than the database's own expiry.
-    pub expires: Instant,
+    /// The partitions to read, `None` for all of them.
+    pub partitions: Option<Vec<u32>>,
+    /// The outbox's partition count.
+    pub of: u32,
+    standing: Arc<Standing>,
 }
 
 impl Lease {
-    /// A new lease of length `length`, starting now, with a random token.
-    pub fn start(length: Duration) -> Lease {
+    /// A batch of incarnation `token` over `partitions` (of `of`), publishable while `standing`
+    /// says so.
+    pub fn new(
+        token: i64,
+        partitions: Option<Vec<u32>>,
+        of: u32,
+        standing: Arc<Standing>,
+    ) -> Lease {
         Lease {
-            token: fastrand::i64(1..i64::MAX),
-            expires: Instant::now() + length,
+            token,
+            partitions,
+            of,
+            standing,
         }
     }
 
-    /// Whether the relay may still publish under this lease. Half the lease is kept in reserve
-    /// so that a publish started just before the check still finishes before another relay can
-    /// take over.
-    pub fn usable(&self, length: Duration) -> bool {
-        Instant::now() + length / 2 < self.expires
+    /// A batch over every partition, publishable until `deadline` (for tests and tools).
+    pub fn until(token: i64, deadline: Instant) -> Lease {
+        Lease::new(token, None, 1, Standing::new(token, deadline))
+    }
+
+    /// Whether the relay may still publish this batch: its incarnation still holds the
+    /// partitions and its deadline has not passed. A paused relay wakes past its deadline and
+    /// drops the batch instead of publishing out of turn.
+    pub fn usable(&self) -> bool {
+        self.standing.may_publish(self.token)
     }
 }
 
@@ -65,11 +83,9 @@ pub struct OutboxRow {
     pub message: Message,
 }
 
-/// Rows claimed under one lease, in id order.
-#[derive(Debug, Clone)]
+/// Rows read for one batch, in id order.
+#[derive(Debug, Clone, Default)]
 pub struct Claim {
-    /// The lease covering every row.
-    pub lease: Lease,
     /// The rows, in ascending `seq`.
     pub rows: Vec<OutboxRow>,
     /// Rows the claim found undecodable and moved to the dead-letter table with the reason
@@ -80,11 +96,11 @@ pub struct Claim {
 /// What happened to a rejected row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectionOutcome {
-    /// The attempt was counted and the row released for a later retry.
+    /// The attempt was counted and the row waits for a later retry.
     WillRetry,
     /// Attempts are exhausted: the row moved to the dead-letter table.
     DeadLettered,
-    /// The lease was lost; nothing was changed.
+    /// The incarnation was taken over (or the row is gone); nothing was changed.
     LeaseLost,
 }
 
@@ -104,15 +120,28 @@ pub struct DestinationStats {
 /// The relay-facing outbox. See the module docs for the contracts.
 #[async_trait]
 pub trait OutboxStore: Send + Sync + 'static {
-    /// Claims up to `max` publishable rows for `owner` under a new lease of length `lease`,
-    /// committing the lease before returning. Returns an empty claim when nothing is ready.
-    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> Result<Claim>;
+    /// Registers (`joining`) or renews a relay incarnation, gives up `release`, takes free
+    /// partitions and those of relays that stopped heart-beating up to the fair share
+    /// ([`crate::membership::plan`]), and returns what the incarnation holds. A renewal of an
+    /// incarnation that was taken over returns `alive: false` and changes nothing.
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Holdings>;
 
-    /// Marks rows published (deletes them) if they are still under `lease`. Returns the number of
-    /// rows touched; fewer than `seqs.len()` means the lease was lost for the rest.
+    /// Ends incarnation `incarnation` gracefully: releases its partitions at once (another relay
+    /// takes them at its next heartbeat) and records the stop.
+    async fn leave(&self, incarnation: i64) -> Result<()>;
+
+    /// Reads up to `max` publishable rows of `lease`'s partitions, oldest first: rows not waiting
+    /// out a retry delay, whose key has no row waiting out one (head of key). Writes nothing but
+    /// the dead-letter move of rows that cannot be decoded. `hold_cap` bounds a retry delay: a
+    /// `lease_until` further ahead was not written by a relay and is ignored.
+    async fn claim(&self, lease: &Lease, max: usize, hold_cap: Duration) -> Result<Claim>;
+
+    /// Marks rows published (deletes them) unless `lease`'s incarnation was taken over. Returns
+    /// the number of rows touched; fewer than `seqs.len()` means the rest are not this relay's
+    /// any more (or were deleted by hand).
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> Result<u64>;
 
-    /// Gives rows back unpublished (after a broker outage, an unknown outcome, or because an
+    /// Leaves rows unpublished (after a broker outage, an unknown outcome, or because an
     /// earlier row of their key was not confirmed), without counting an attempt, and records
     /// `reason` as their `last_error` so that an operator sees why they wait. Returns the number
     /// of rows touched.
@@ -120,7 +149,7 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Records that the broker rejected the row: counts an attempt with `reason`, and moves the row
     /// to the dead-letter table once `max_attempts` is reached (or at once when `max_attempts` is 1).
-    /// Otherwise the row stays unclaimable for `retry_after`; since it stays the head of its key,
+    /// Otherwise the row is not read again for `retry_after`; since it stays the head of its key,
     /// the key's later rows wait too, so a retried message is not overtaken.
     async fn record_rejection(
         &self,
@@ -133,6 +162,9 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Pending and dead-lettered counts per destination.
     async fn stats(&self) -> Result<Vec<DestinationStats>>;
+
+    /// The relays recorded in the outbox, live ones and those that ended recently.
+    async fn relays(&self) -> Result<Vec<RelayStatus>>;
 
     /// Durability settings under which a published message could vanish in a crash of the
     /// database (a phantom). Each entry is a sentence saying what to change. Empty when safe.

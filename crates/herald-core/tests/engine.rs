@@ -264,8 +264,22 @@ struct SlowClaims {
 
 #[async_trait]
 impl OutboxStore for SlowClaims {
-    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> Result<herald_core::Claim> {
-        let claim = self.inner.claim(owner, max, lease).await?;
+    async fn heartbeat(&self, beat: &herald_core::Heartbeat<'_>) -> Result<herald_core::Holdings> {
+        self.inner.heartbeat(beat).await
+    }
+    async fn leave(&self, incarnation: i64) -> Result<()> {
+        self.inner.leave(incarnation).await
+    }
+    async fn relays(&self) -> Result<Vec<herald_core::RelayStatus>> {
+        self.inner.relays().await
+    }
+    async fn claim(
+        &self,
+        lease: &herald_core::Lease,
+        max: usize,
+        cap: Duration,
+    ) -> Result<herald_core::Claim> {
+        let claim = self.inner.claim(lease, max, cap).await?;
         tokio::time::sleep(self.slow).await;
         Ok(claim)
     }
@@ -296,12 +310,13 @@ impl OutboxStore for SlowClaims {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_batch_whose_lease_is_half_gone_is_not_published() {
+async fn a_batch_read_past_the_relays_deadline_is_not_published() {
     let inner = Arc::new(MemoryStore::new());
     inner.enqueue(msg("m", "k"));
+    // No heartbeat runs during a lone tick: the deadline is the publish window after the first.
     let store = Arc::new(SlowClaims {
         inner: inner.clone(),
-        slow: Duration::from_secs(6),
+        slow: config().publish_window() + Duration::from_millis(10),
     });
     let t = Scripted::confirming();
     let r = Relay::new(store, t.clone(), config()).unwrap();
@@ -311,7 +326,7 @@ async fn a_batch_whose_lease_is_half_gone_is_not_published() {
         t.confirmed_types().is_empty(),
         "a paused relay does not publish out of turn"
     );
-    assert_eq!(inner.pending(), 1, "the row waits for the next lease");
+    assert_eq!(inner.pending(), 1, "the row waits for the next batch");
 }
 
 #[tokio::test(start_paused = true)]
@@ -540,7 +555,7 @@ async fn lanes_keep_each_keys_order() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stop_waits_at_most_a_lease_for_a_database_that_never_answers() {
+async fn a_stop_waits_a_bounded_time_for_a_database_that_never_answers() {
     let inner = Arc::new(MemoryStore::new());
     inner.enqueue(msg("m", "k"));
     let store = Arc::new(SlowClaims {
@@ -553,12 +568,217 @@ async fn a_stop_waits_at_most_a_lease_for_a_database_that_never_answers() {
         .await
         .unwrap();
     let waited = started.elapsed();
+    let grace = config().publish_timeout + config().lease;
     assert!(
-        waited <= Duration::from_millis(100) + config().lease + Duration::from_secs(1),
-        "the stop is bounded by the lease, waited {waited:?}"
+        waited <= Duration::from_millis(100) + grace + Duration::from_secs(1),
+        "the stop is bounded by the publish timeout plus the lease, waited {waited:?}"
     );
+    assert!(waited >= grace, "in-flight work had its time to finish");
+}
+
+/// Runs `relay` until the returned sender fires or the task is aborted (a kill).
+fn spawn_run(
+    relay: &Relay,
+) -> (
+    tokio::task::JoinHandle<Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let r = relay.clone();
+    (
+        tokio::spawn(async move {
+            r.run(async move {
+                let _ = rx.await;
+            })
+            .await
+        }),
+        tx,
+    )
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_killed_relays_partitions_are_taken_over_within_the_lease() {
+    let store = Arc::new(MemoryStore::new());
+    let t = Scripted::confirming();
+    let a = relay(&store, t.clone());
+    let b = relay(&store, t.clone());
+    let (run_a, _stop_a) = spawn_run(&a);
+    wait_for(
+        "the first relay holding everything",
+        Duration::from_secs(5),
+        || a.holdings().1.len() == 8,
+    )
+    .await;
+    let (run_b, stop_b) = spawn_run(&b);
+    wait_for("the partitions shared", Duration::from_secs(10), || {
+        a.holdings().1.len() == 4 && b.holdings().1.len() == 4
+    })
+    .await;
+    // Killed: the task is dropped mid-flight, nothing says goodbye.
+    run_a.abort();
+    let took = wait_for("the takeover", config().lease * 2, || {
+        b.holdings().1.len() == 8
+    })
+    .await;
     assert!(
-        waited >= config().lease,
-        "in-flight work had its lease to finish"
+        took <= config().lease,
+        "took {took:?}, over the lease {:?}",
+        config().lease
+    );
+    assert_eq!(b.counters().partitions_taken_over.load(Ordering::SeqCst), 4);
+    for i in 0..16 {
+        store.enqueue(msg(&format!("m{i}"), &format!("k{i}")));
+    }
+    wait_for(
+        "the survivor draining every key",
+        Duration::from_secs(5),
+        || store.pending() == 0,
+    )
+    .await;
+    stop_b.send(()).unwrap();
+    run_b.await.unwrap().unwrap();
+    assert!(
+        store.owners().iter().all(Option::is_none),
+        "a graceful stop releases everything"
+    );
+}
+
+/// A store whose calls hang while `paused` is set: a relay frozen (SIGSTOP) or cut off from its
+/// database.
+struct Freezable {
+    inner: Arc<MemoryStore>,
+    paused: tokio::sync::watch::Sender<bool>,
+    /// Freeze right after the next read that returns rows.
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Freezable {
+    async fn thaw(&self) {
+        let mut p = self.paused.subscribe();
+        let _ = p.wait_for(|paused| !paused).await;
+    }
+}
+
+#[async_trait]
+impl OutboxStore for Freezable {
+    async fn heartbeat(&self, beat: &herald_core::Heartbeat<'_>) -> Result<herald_core::Holdings> {
+        self.thaw().await;
+        self.inner.heartbeat(beat).await
+    }
+    async fn leave(&self, incarnation: i64) -> Result<()> {
+        self.thaw().await;
+        self.inner.leave(incarnation).await
+    }
+    async fn relays(&self) -> Result<Vec<herald_core::RelayStatus>> {
+        self.inner.relays().await
+    }
+    async fn claim(
+        &self,
+        lease: &herald_core::Lease,
+        max: usize,
+        cap: Duration,
+    ) -> Result<herald_core::Claim> {
+        self.thaw().await;
+        let c = self.inner.claim(lease, max, cap).await?;
+        // Frozen between the read and the publish, the worst moment.
+        if !c.rows.is_empty() && self.armed.swap(false, Ordering::SeqCst) {
+            self.paused.send_replace(true);
+        }
+        self.thaw().await;
+        Ok(c)
+    }
+    async fn complete(&self, lease: &herald_core::Lease, seqs: &[i64]) -> Result<u64> {
+        self.thaw().await;
+        self.inner.complete(lease, seqs).await
+    }
+    async fn release(&self, lease: &herald_core::Lease, seqs: &[i64], why: &str) -> Result<u64> {
+        self.thaw().await;
+        self.inner.release(lease, seqs, why).await
+    }
+    async fn record_rejection(
+        &self,
+        lease: &herald_core::Lease,
+        seq: i64,
+        reason: &str,
+        max: u32,
+        after: Duration,
+    ) -> Result<herald_core::RejectionOutcome> {
+        self.thaw().await;
+        self.inner
+            .record_rejection(lease, seq, reason, max, after)
+            .await
+    }
+    async fn stats(&self) -> Result<Vec<herald_core::DestinationStats>> {
+        self.inner.stats().await
+    }
+    async fn durability_warnings(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_relay_is_taken_over_and_publishes_nothing_out_of_turn_when_it_wakes() {
+    let store = Arc::new(MemoryStore::with_partitions(1));
+    let frozen = Arc::new(Freezable {
+        inner: store.clone(),
+        paused: tokio::sync::watch::channel(false).0,
+        armed: false.into(),
+    });
+    let t = Scripted::confirming();
+    let a = Relay::new(frozen.clone(), t.clone(), config()).unwrap();
+    let b = relay(&store, t.clone());
+    let (run_a, stop_a) = spawn_run(&a);
+    wait_for(
+        "the first relay holding the partition",
+        Duration::from_secs(5),
+        || a.holdings().1 == [0],
+    )
+    .await;
+    let (run_b, stop_b) = spawn_run(&b);
+    // The holder reads these rows, then freezes before publishing them.
+    frozen.armed.store(true, Ordering::SeqCst);
+    for i in 0..6 {
+        store.enqueue(msg(&format!("m{i}"), "k"));
+    }
+    wait_for("the holder freezing", Duration::from_secs(5), || {
+        *frozen.paused.borrow()
+    })
+    .await;
+    let took = wait_for("the takeover", config().lease * 2, || b.holdings().1 == [0]).await;
+    assert!(took <= config().lease, "took {took:?}");
+    wait_for("the survivor publishing", Duration::from_secs(5), || {
+        store.pending() == 0
+    })
+    .await;
+    frozen.paused.send_replace(false);
+    wait_for("the frozen relay rejoining", Duration::from_secs(5), || {
+        a.counters().taken_over.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    for i in 6..9 {
+        store.enqueue(msg(&format!("m{i}"), "k"));
+    }
+    wait_for("the rest", Duration::from_secs(5), || store.pending() == 0).await;
+    stop_a.send(()).unwrap();
+    stop_b.send(()).unwrap();
+    run_a.await.unwrap().unwrap();
+    run_b.await.unwrap().unwrap();
+    let types = t.confirmed_types();
+    let expected: Vec<String> = (0..9).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        types, expected,
+        "each message once, in order: nothing from the woken relay"
     );
 }

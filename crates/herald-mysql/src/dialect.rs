@@ -1,29 +1,16 @@
 //! MySQL's SQL: backquoted names, `TIMESTAMPADD` times, duplicate-key inbox inserts, the
-//! `SKIP LOCKED` claim and the durability checks.
+//! `CRC32` partitions and the durability checks.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use herald_core::{Claim, Error, Identifier, Lease, Result};
+use herald_core::{Error, Identifier, Result};
 use herald_sql::{Dialect, Migration, SqlOutbox, VersionCheck, db, is_connection_error};
 use sqlx::mysql::{MySqlDatabaseError, MySqlRow};
-use sqlx::{AssertSqlSafe, MySql, MySqlConnection, Row};
+use sqlx::{MySql, MySqlConnection, Row};
 
-/// MySQL's and MariaDB's [`Dialect`].
-///
-/// A claim is one short `READ COMMITTED` transaction:
-///
-/// 1. read the keys that are busy (a row under a live lease or waiting out a retry delay);
-/// 2. lock the first free rows of the other keys in id order with `FOR UPDATE SKIP LOCKED`, so a
-///    claim never waits behind an application transaction still inserting rows, nor behind
-///    another relay's claim;
-/// 3. check that each taken row is the head of its key: a lower-id committed row of the key that
-///    step 2 skipped (locked by someone else at that moment) holds the key's later rows back;
-/// 4. write the lease and commit.
-///
-/// Step 3 is what keeps per-key order without serialising claims: two relays can claim at the
-/// same time, and neither can take a key's second row while its first is free or in flight.
+/// MySQL's and MariaDB's [`Dialect`]. The relay's write transactions run at `READ COMMITTED`,
+/// so a heartbeat's re-read under the partitions' row locks sees what other relays committed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MySqlDialect;
 
@@ -31,11 +18,6 @@ pub struct MySqlDialect;
 /// connections (1040), server shutdown (1053), connection killed (1927, MariaDB), query
 /// interrupted (1317), read-only during a failover (1290, 1836), idle disconnect (4031, MySQL).
 const TRANSIENT: [u16; 9] = [1213, 1205, 1040, 1053, 1927, 1317, 1290, 1836, 4031];
-
-/// `?, ?, ?` for `n` values.
-fn marks(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
 
 #[async_trait]
 impl Dialect for MySqlDialect {
@@ -49,6 +31,7 @@ impl Dialect for MySqlDialect {
     /// dead-lettering at once deadlock under REPEATABLE READ.
     const BEFORE_WRITE_TX: Option<&'static str> =
         Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED");
+    const FOR_SHARE: &'static str = " LOCK IN SHARE MODE";
 
     fn quote(ident: &Identifier) -> String {
         format!("`{ident}`")
@@ -80,6 +63,16 @@ impl Dialect for MySqlDialect {
 
     fn now_plus_micros(param: &str) -> String {
         format!("TIMESTAMPADD(MICROSECOND, {param}, UTC_TIMESTAMP(6))")
+    }
+
+    fn now() -> String {
+        "UTC_TIMESTAMP(6)".to_owned()
+    }
+
+    fn partition_of(n: u32) -> Option<String> {
+        Some(format!(
+            "(CASE WHEN o.ordering_key IS NULL THEN o.id & 2147483647 ELSE CRC32(o.ordering_key) END) % {n}"
+        ))
     }
 
     fn select_micros(col: &str) -> String {
@@ -158,97 +151,6 @@ impl Dialect for MySqlDialect {
         Ok(Some(have))
     }
 
-    async fn claim(
-        outbox: &SqlOutbox<Self>,
-        owner: &str,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Claim> {
-        let handle = Lease::start(lease);
-        let t = outbox.quoted_table();
-        let mut conn = outbox
-            .pool()
-            .acquire()
-            .await
-            .map_err(|e| db::<Self>("starting a claim", e))?;
-        let mut tx = SqlOutbox::<Self>::begin(&mut conn, "starting a claim").await?;
-        let busy: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT DISTINCT ordering_key FROM {t} \
-             WHERE lease_until >= UTC_TIMESTAMP(6) AND ordering_key IS NOT NULL"
-        )))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| db::<Self>("reading the keys in flight", e))?;
-        let filter = if busy.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "AND (ordering_key IS NULL OR ordering_key NOT IN ({}))",
-                marks(busy.len())
-            )
-        };
-        let mut q = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {cols}, ordering_key AS claim_key FROM {t} \
-             WHERE (lease_until IS NULL OR lease_until < UTC_TIMESTAMP(6)) {filter} \
-             ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED",
-            cols = outbox.claim_columns()
-        )));
-        for k in &busy {
-            q = q.bind(k);
-        }
-        let rows = q
-            .bind(max as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| db::<Self>("claiming outbox rows", e))?;
-        let candidates: Vec<(i64, Option<String>)> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get("id").unwrap_or_default(),
-                    r.try_get("claim_key").ok().flatten(),
-                )
-            })
-            .collect();
-        let blocked = blocked_from(&mut tx, t, &candidates).await?;
-        let heads: Vec<MySqlRow> = rows
-            .into_iter()
-            .zip(&candidates)
-            .filter(|(_, (seq, key))| {
-                key.as_ref()
-                    .and_then(|k| blocked.get(k))
-                    .is_none_or(|from| seq <= from)
-            })
-            .map(|(r, _)| r)
-            .collect();
-        let (claimed, parked) = outbox.decode_claimed(&mut tx, &heads).await?;
-        if !claimed.is_empty() {
-            let sql = format!(
-                "UPDATE {t} SET lease_owner = ?, lease_token = ?, \
-                 lease_until = TIMESTAMPADD(MICROSECOND, ?, UTC_TIMESTAMP(6)) WHERE id IN ({})",
-                marks(claimed.len())
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql))
-                .bind(owner)
-                .bind(handle.token)
-                .bind(lease.as_micros() as i64);
-            for row in &claimed {
-                q = q.bind(row.seq);
-            }
-            q.execute(&mut *tx)
-                .await
-                .map_err(|e| db::<Self>("leasing outbox rows", e))?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| db::<Self>("committing a claim", e))?;
-        Ok(Claim {
-            lease: handle,
-            rows: claimed,
-            parked,
-        })
-    }
-
     async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {
         let row = sqlx::query(
             "SELECT CAST(@@innodb_flush_log_at_trx_commit AS SIGNED), CAST(@@sync_binlog AS SIGNED), \
@@ -305,51 +207,4 @@ impl Dialect for MySqlDialect {
             .execute(conn)
             .await;
     }
-}
-
-/// Of the locked candidate rows (in id order), the keys whose rows must be held back from some
-/// id on, because a committed row of the key with a lower id was not among them.
-async fn blocked_from(
-    conn: &mut MySqlConnection,
-    table: &str,
-    candidates: &[(i64, Option<String>)],
-) -> Result<HashMap<String, i64>> {
-    let mut keys: Vec<&str> = candidates
-        .iter()
-        .filter_map(|(_, k)| k.as_deref())
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let Some(max_id) = candidates.iter().map(|(id, _)| *id).max() else {
-        return Ok(HashMap::new());
-    };
-    if keys.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let sql = format!(
-        "SELECT ordering_key, MIN(id) FROM {table} WHERE id < ? AND ordering_key IN ({}) AND id NOT IN ({}) \
-         GROUP BY ordering_key",
-        marks(keys.len()),
-        marks(candidates.len())
-    );
-    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(max_id);
-    for k in &keys {
-        q = q.bind(*k);
-    }
-    for (id, _) in candidates {
-        q = q.bind(*id);
-    }
-    let rows = q
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(|e| db::<MySqlDialect>("checking claimed rows are the heads of their keys", e))?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            Some((
-                r.try_get::<String, _>(0).ok()?,
-                r.try_get::<i64, _>(1).ok()?,
-            ))
-        })
-        .collect())
 }

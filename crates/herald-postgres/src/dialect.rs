@@ -1,11 +1,9 @@
-//! PostgreSQL's SQL: `$n` placeholders, timestamptz arithmetic, arrays, the advisory-locked
-//! claim and the durability checks.
-
-use std::time::Duration;
+//! PostgreSQL's SQL: `$n` placeholders, timestamptz arithmetic, arrays, the `hashtext`
+//! partitions and the durability checks.
 
 use async_trait::async_trait;
 use herald_core::message::micros_from_epoch_text;
-use herald_core::{Claim, Identifier, Lease, Result};
+use herald_core::{Identifier, Result};
 use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db, is_connection_error};
 use sqlx::{AssertSqlSafe, Postgres};
 
@@ -62,6 +60,16 @@ impl Dialect for PgDialect {
         format!("(now() + {param}::float8 * interval '1 microsecond')")
     }
 
+    fn now() -> String {
+        "now()".to_owned()
+    }
+
+    fn partition_of(n: u32) -> Option<String> {
+        Some(format!(
+            "((CASE WHEN o.ordering_key IS NULL THEN o.id ELSE hashtext(o.ordering_key) END) & 2147483647) % {n}"
+        ))
+    }
+
     /// As text, so that no time fails the statement: `'infinity'` or the year 294276 becomes
     /// that row's error in Rust. (`::numeric` and `isfinite` keep it so on PostgreSQL 13, where
     /// extract returns a double that prints as `1e-05` and cannot cast infinity.)
@@ -108,17 +116,17 @@ impl Dialect for PgDialect {
     /// The relay's own commits need no fsync: a lost mark means the message is published again
     /// (a duplicate, never a loss). `set_config(.., true)` in a one-row join turns the wait off
     /// for this statement's implicit transaction only.
-    fn complete_head(table: &str) -> String {
+    fn complete_head(table: &str, fence: &str) -> String {
         format!(
             "DELETE FROM {table} o USING (SELECT set_config('synchronous_commit', 'off', true)) s \
-             WHERE o.lease_token = ?"
+             WHERE {fence}"
         )
     }
 
-    fn release_head(table: &str) -> String {
+    fn release_head(table: &str, fence: &str) -> String {
         format!(
-            "UPDATE {table} o SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, last_error = ? \
-             FROM (SELECT set_config('synchronous_commit', 'off', true)) s WHERE o.lease_token = ?"
+            "UPDATE {table} o SET last_error = ? \
+             FROM (SELECT set_config('synchronous_commit', 'off', true)) s WHERE {fence}"
         )
     }
 
@@ -141,57 +149,6 @@ impl Dialect for PgDialect {
         .await
         .map_err(|e| db::<Self>("reading the table's columns", e))?;
         Ok((!have.is_empty()).then_some(have))
-    }
-
-    fn claim_sql(table: &str, columns: &str) -> String {
-        format!(
-            "UPDATE {table} SET lease_owner = $1, lease_token = $2, lease_until = now() + $3 * interval '1 microsecond' \
-             WHERE id IN (SELECT o.id FROM {table} o \
-               WHERE (o.lease_until IS NULL OR o.lease_until < now()) \
-                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {table} e \
-                      WHERE e.lease_until >= now() AND e.ordering_key IS NOT NULL)) \
-               ORDER BY o.id LIMIT $4) \
-             RETURNING {columns}",
-        )
-    }
-
-    /// One short transaction under an advisory lock: head-of-key claiming (see
-    /// [`herald_core::store`]), free rows in id order whose key has no row under a live lease.
-    /// The leased keys are read once per claim (a hashed subplan over the small partial index
-    /// `<table>_leased_idx`), not once per candidate row: a per-row probe of the key index
-    /// walked every dead entry of the key's published rows and cost 50 ms per claim half-way
-    /// through a 100k drain (0.5 ms now).
-    async fn claim(
-        outbox: &SqlOutbox<Self>,
-        owner: &str,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Claim> {
-        let handle = Lease::start(lease);
-        let mut tx = outbox
-            .pool()
-            .begin()
-            .await
-            .map_err(|e| db::<Self>("starting a claim", e))?;
-        // The relay's own commits need no fsync: a lost claim means the rows are claimed again.
-        // Only the application's commits must be durable, and they are untouched.
-        sqlx::query(
-            "SELECT set_config('synchronous_commit', 'off', true), \
-             pg_advisory_xact_lock(hashtext(current_schema() || '.' || $1))",
-        )
-        .bind(outbox.table().as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| db::<Self>("serialising claims", e))?;
-        let rows = sqlx::query(AssertSqlSafe(outbox.claim_sql()))
-            .bind(owner)
-            .bind(handle.token)
-            .bind(lease.as_micros() as f64)
-            .bind(max as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| db::<Self>("claiming outbox rows", e))?;
-        outbox.finish_claim(tx, &rows, handle).await
     }
 
     async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {

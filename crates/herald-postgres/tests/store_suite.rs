@@ -236,7 +236,7 @@ async fn migrate_upgrades_an_older_outbox_and_is_idempotent() {
         .execute(&h.pool)
         .await
         .unwrap();
-    assert_eq!(migrate(&h.pool, &h.table).await.unwrap(), vec![1]);
+    assert_eq!(migrate(&h.pool, &h.table).await.unwrap(), vec![1, 2]);
     assert_eq!(
         migrate(&h.pool, &h.table).await.unwrap(),
         Vec::<i64>::new(),

@@ -1,10 +1,8 @@
 //! What truly differs between the databases: placeholders, time arithmetic, list binding,
-//! upserts, error classification, the claim and the durability checks.
-
-use std::time::Duration;
+//! upserts, error classification, the partition hash, locks and the durability checks.
 
 use async_trait::async_trait;
-use herald_core::{Claim, Identifier, Result};
+use herald_core::{Identifier, Result};
 
 use crate::db::{SqlDb, Stmt};
 use crate::migrate::Migration;
@@ -44,6 +42,17 @@ pub trait Dialect: Sized + Send + Sync + 'static {
     /// per-transaction isolation level), if any.
     const BEFORE_WRITE_TX: Option<&'static str> = None;
 
+    /// The statement that begins a transaction which reads, then writes what it read (SQLite
+    /// takes the write lock at once; elsewhere row locks do the work).
+    const LOCKING_BEGIN: Option<&'static str> = None;
+
+    /// The suffix of a `SELECT` that locks the rows it reads for update (empty where the
+    /// transaction itself is exclusive).
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+
+    /// The suffix of a `SELECT` that locks the rows it reads against updates by others.
+    const FOR_SHARE: &'static str = " FOR SHARE";
+
     /// A quoted identifier.
     fn quote(ident: &Identifier) -> String {
         format!("\"{ident}\"")
@@ -82,6 +91,14 @@ pub trait Dialect: Sized + Send + Sync + 'static {
     /// An expression for the database clock plus `param` microseconds (negative for the past),
     /// in a time column's type.
     fn now_plus_micros(param: &str) -> String;
+
+    /// The database clock, in a time column's type.
+    fn now() -> String;
+
+    /// The partition (of `n`) of the outbox row aliased `o`: a hash of its `ordering_key`, or
+    /// its `id` when it has none, as a non-negative integer below `n`. `None` where the
+    /// database offers no hash: its outbox has a single partition.
+    fn partition_of(n: u32) -> Option<String>;
 
     /// The selected expression for time column `col` as [`read_micros`](Dialect::read_micros)
     /// reads it back.
@@ -169,18 +186,16 @@ pub trait Dialect: Sized + Send + Sync + 'static {
         )
     }
 
-    /// The start of the statement marking rows published, up to `WHERE lease_token = ?` (the
-    /// generic code appends the id condition).
-    fn complete_head(table: &str) -> String {
-        format!("DELETE FROM {table} WHERE lease_token = ?")
+    /// The start of the statement marking rows published, up to `WHERE {fence}` (the fence
+    /// binds the incarnation; the generic code appends the id condition).
+    fn complete_head(table: &str, fence: &str) -> String {
+        format!("DELETE FROM {table} WHERE {fence}")
     }
 
-    /// The start of the statement releasing rows, binding `last_error` then the token.
-    fn release_head(table: &str) -> String {
-        format!(
-            "UPDATE {table} SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, last_error = ? \
-             WHERE lease_token = ?"
-        )
+    /// The start of the statement leaving rows unpublished with a reason, binding
+    /// `last_error`, then the fence's incarnation.
+    fn release_head(table: &str, fence: &str) -> String {
+        format!("UPDATE {table} SET last_error = ? WHERE {fence}")
     }
 
     /// The version check of [`skip_stale_versions`](crate::Applier::skip_stale_versions).
@@ -201,22 +216,6 @@ pub trait Dialect: Sized + Send + Sync + 'static {
         conn: &mut <Self::DB as sqlx::Database>::Connection,
         table: &Identifier,
     ) -> Result<Option<Vec<String>>>;
-
-    /// The claim statement for quoted table `table` returning `columns`, if the dialect's claim
-    /// is one fixed statement (built once per outbox; read with [`SqlOutbox::claim_sql`]).
-    fn claim_sql(table: &str, columns: &str) -> String {
-        let _ = (table, columns);
-        String::new()
-    }
-
-    /// Leases up to `max` rows of `outbox` by head-of-key claiming (see
-    /// [`herald_core::store`]), parking rows that cannot be decoded.
-    async fn claim(
-        outbox: &SqlOutbox<Self>,
-        owner: &str,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Claim>;
 
     /// Settings under which a published event's transaction could vanish in a crash.
     async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>>;

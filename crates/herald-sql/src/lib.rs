@@ -2,8 +2,8 @@
 //! the inbox and the consumer's apply-once transaction, and versioned migrations.
 //!
 //! Each database crate (`herald-postgres`, `herald-mysql`, `herald-sqlite`) implements
-//! [`Dialect`] (placeholders, time arithmetic, upserts, error classification, its claim and its
-//! durability checks) and names the generic types: `PgOutbox` is `SqlOutbox<Postgres>`, and so
+//! [`Dialect`] (placeholders, time arithmetic, upserts, error classification, its partition hash
+//! and its durability checks) and names the generic types: `PgOutbox` is `SqlOutbox<Postgres>`, and so
 //! on. Nothing here knows a database by name.
 
 mod applier;
@@ -12,6 +12,7 @@ pub mod dead_letters;
 mod dialect;
 mod error;
 mod inbox;
+mod membership;
 mod migrate;
 mod outbox;
 mod writer;

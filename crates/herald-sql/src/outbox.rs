@@ -1,10 +1,11 @@
-//! The relay's side of the outbox: everything but the claim, which each database does its own
-//! way (see [`Dialect::claim`]).
+//! The relay's side of the outbox: reads of held partitions, fenced marks, rejections, dead
+//! letters and statistics. The heartbeats are in `membership.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use herald_core::membership::{Heartbeat, Holdings, RelayStatus};
 use herald_core::message::from_micros;
 use herald_core::store::{OUTBOX_COLUMNS, RawRow, with_dead_letters};
 use herald_core::{
@@ -16,11 +17,12 @@ use sqlx::{Connection, Pool};
 use crate::Dialect;
 use crate::db::{SqlDb, Stmt, lossy_text};
 use crate::error::{db, dead_letter_error};
+use crate::membership::MemberSql;
 
 type Conn<D> = <<D as Dialect>::DB as sqlx::Database>::Connection;
 type DbRow<D> = <<D as Dialect>::DB as sqlx::Database>::Row;
 
-/// The outbox of a database, as the relay sees it: claims (by the dialect), marks, releases,
+/// The outbox of a database, as the relay sees it: heartbeats, reads, marks, releases,
 /// rejections, dead letters and statistics.
 pub struct SqlOutbox<D: Dialect> {
     pool: Pool<D::DB>,
@@ -40,7 +42,12 @@ struct Sql {
     table: Identifier,
     quoted: String,
     columns: String,
-    claim: String,
+    /// The read, up to where a partition condition may follow.
+    read_head: String,
+    read_tail: String,
+    members: MemberSql,
+    /// Locks the incarnation's row against a takeover, or finds it taken over.
+    fence_check: String,
     release_head: String,
     complete_head: String,
     reject: String,
@@ -58,8 +65,10 @@ impl<D: Dialect> SqlOutbox<D> {
         let dead_id = table.with_suffix("_dead_letter")?;
         check_columns::<D>(&pool, &table, &OUTBOX_COLUMNS).await?;
         check_columns::<D>(&pool, &dead_id, &["id", "reason", "payload"]).await?;
+        let members = MemberSql::new::<D>(&pool, &table).await?;
         let t = D::quote(&table);
         let dead = D::quote(&dead_id);
+        let fence = members.fence();
         let r = |s: String| D::render(&s);
         // Nothing in a claim may fail for one row: every column is read as text, bytes or an
         // integer and decoded in Rust, row by row (`RawRow::decode`), so one odd row becomes
@@ -72,14 +81,25 @@ impl<D: Dialect> SqlOutbox<D> {
             payload = D::select_bytes("payload"),
             created = D::select_micros("created_at"),
         );
+        // Rows waiting out a retry delay (`lease_until` ahead, within the cap) are skipped, and so
+        // is every row of their key; a `lease_until` beyond the cap was not written by a relay.
+        let now = D::now();
+        let cap = D::now_plus_micros("?");
+        let read_head = format!(
+            "SELECT {columns} FROM {t} o \
+             WHERE (o.lease_until IS NULL OR o.lease_until < {now} OR o.lease_until > {cap}) \
+               AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {t} e \
+                    WHERE e.lease_until >= {now} AND e.lease_until <= {cap} AND e.ordering_key IS NOT NULL))"
+        );
         let sql = Sql {
-            claim: D::claim_sql(&t, &columns),
+            read_head,
+            read_tail: " ORDER BY o.id LIMIT ?".to_owned(),
             columns,
-            complete_head: D::complete_head(&t),
-            release_head: D::release_head(&t),
+            fence_check: r(format!("{}{}", members.fence_select(), D::FOR_SHARE)),
+            complete_head: D::complete_head(&t, &fence),
+            release_head: D::release_head(&t, &fence),
             reject: r(format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, lease_owner = NULL, lease_token = NULL, \
-                 lease_until = {until} WHERE id = ? AND lease_token = ?",
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, lease_until = {until} WHERE id = ?",
                 until = D::now_plus_micros("?"),
             )),
             attempts: r(format!("SELECT attempts FROM {t} WHERE id = ?")),
@@ -109,6 +129,7 @@ impl<D: Dialect> SqlOutbox<D> {
             )),
             quoted: t,
             table,
+            members,
         };
         Ok(SqlOutbox {
             pool,
@@ -131,67 +152,45 @@ impl<D: Dialect> SqlOutbox<D> {
         &self.sql.quoted
     }
 
-    /// The dialect's claim statement for this table ([`Dialect::claim_sql`]), built once.
-    pub fn claim_sql(&self) -> &str {
-        &self.sql.claim
-    }
-
-    /// The select list a claim returns, for [`decode_claimed`](Self::decode_claimed).
+    /// The select list of a read, for [`decode_rows`](Self::decode_rows).
     pub fn claim_columns(&self) -> &str {
         &self.sql.columns
     }
 
-    /// Decodes the rows a claim leased (selected with [`claim_columns`](Self::claim_columns)),
-    /// moving those that cannot be decoded to the dead letters in the claim's transaction.
-    /// Returns the decoded rows in id order and how many were parked.
-    pub async fn decode_claimed(
-        &self,
-        conn: &mut Conn<D>,
-        rows: &[DbRow<D>],
-    ) -> Result<(Vec<OutboxRow>, usize)> {
-        let mut claimed: Vec<OutboxRow> = Vec::with_capacity(rows.len());
-        let mut parked = 0;
+    /// Decodes rows selected with [`claim_columns`](Self::claim_columns): the rows, and the
+    /// id and reason of each that cannot be decoded (for the dead letters).
+    pub fn decode_rows(rows: &[DbRow<D>]) -> Result<(Vec<OutboxRow>, Vec<(i64, String)>)> {
+        let mut good = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
         for r in rows {
             let seq = <D::DB as SqlDb>::get_i64(r, "id")
-                .map_err(|e| db::<D>("reading a claimed row's id", e))?;
+                .map_err(|e| db::<D>("reading an outbox row's id", e))?;
             let row = D::read_micros(r, "created_at")
                 .and_then(|t| t.ok_or_else(|| "created_at is NULL".to_owned()))
-                .and_then(|t| raw_row::<D>(r, t));
-            match row.and_then(RawRow::decode) {
-                Ok(row) => claimed.push(row),
-                Err(reason) => {
-                    tracing::warn!(seq, %reason, "outbox row cannot be decoded; dead-lettering it");
-                    self.move_to_dead_letters(
-                        &mut *conn,
-                        seq,
-                        &format!("cannot decode outbox row: {reason}"),
-                    )
-                    .await?;
-                    parked += 1;
-                }
+                .and_then(|t| raw_row::<D>(r, t))
+                .and_then(RawRow::decode);
+            match row {
+                Ok(row) => good.push(row),
+                Err(reason) => bad.push((seq, reason)),
             }
         }
-        claimed.sort_by_key(|r| r.seq);
-        Ok((claimed, parked))
+        good.sort_by_key(|r| r.seq);
+        Ok((good, bad))
     }
 
-    /// Ends a claim whose statement leased `rows` in `tx`: decodes them (parking the ones that
-    /// cannot be), commits, and returns the claim under `lease`.
-    pub async fn finish_claim(
-        &self,
-        mut tx: sqlx::Transaction<'_, D::DB>,
-        rows: &[DbRow<D>],
-        lease: Lease,
-    ) -> Result<Claim> {
-        let (rows, parked) = self.decode_claimed(&mut tx, rows).await?;
-        tx.commit()
+    /// Whether incarnation `token` still stands (not taken over, not stopped), locking its row
+    /// against a takeover until `conn`'s transaction ends.
+    pub async fn still_holds(&self, conn: &mut Conn<D>, token: i64) -> Result<bool> {
+        let row = Stmt::<D::DB>::new(&self.sql.fence_check)
+            .int(token)
+            .fetch_optional(conn)
             .await
-            .map_err(|e| db::<D>("committing a claim", e))?;
-        Ok(Claim {
-            lease,
-            rows,
-            parked,
-        })
+            .map_err(|e| db::<D>("checking this relay was not taken over", e))?;
+        Ok(row.is_some())
+    }
+
+    pub(crate) fn members(&self) -> &MemberSql {
+        &self.sql.members
     }
 
     /// Moves row `seq` to the dead letters with `reason`, in the caller's transaction.
@@ -256,6 +255,35 @@ impl<D: Dialect> SqlOutbox<D> {
         }
         conn.begin().await.map_err(|e| db::<D>(what, e))
     }
+
+    /// Begins a transaction that reads, then writes what it read
+    /// ([`LOCKING_BEGIN`](Dialect::LOCKING_BEGIN) where the database needs it).
+    pub async fn begin_locking<'c>(
+        conn: &'c mut Conn<D>,
+        what: &str,
+    ) -> Result<sqlx::Transaction<'c, D::DB>> {
+        match D::LOCKING_BEGIN {
+            Some(begin) => conn.begin_with(begin).await.map_err(|e| db::<D>(what, e)),
+            None => Self::begin(conn, what).await,
+        }
+    }
+
+    /// The read of [`OutboxStore::claim`] for `lease`'s partitions.
+    fn read_sql(&self, lease: &Lease) -> Option<String> {
+        let parts = match &lease.partitions {
+            None => String::new(),
+            Some(p) => {
+                // A dialect without a hash has one partition, which is then always "all".
+                let of = D::partition_of(lease.of)?;
+                let list: Vec<String> = p.iter().map(u32::to_string).collect();
+                format!(" AND {of} IN ({})", list.join(", "))
+            }
+        };
+        Some(D::render(&format!(
+            "{}{parts}{}",
+            self.sql.read_head, self.sql.read_tail
+        )))
+    }
 }
 
 /// Reads a row selected with the outbox's columns; a value of the wrong type is the row's
@@ -315,8 +343,59 @@ async fn check_columns<D: Dialect>(
 
 #[async_trait]
 impl<D: Dialect> OutboxStore for SqlOutbox<D> {
-    async fn claim(&self, owner: &str, max: usize, lease: Duration) -> Result<Claim> {
-        D::claim(self, owner, max, lease).await
+    async fn heartbeat(&self, beat: &Heartbeat<'_>) -> Result<Holdings> {
+        crate::membership::heartbeat(self, beat).await
+    }
+
+    async fn leave(&self, incarnation: i64) -> Result<()> {
+        crate::membership::leave(self, incarnation).await
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayStatus>> {
+        crate::membership::relays(self).await
+    }
+
+    async fn claim(&self, lease: &Lease, max: usize, hold_cap: Duration) -> Result<Claim> {
+        let what = "reading outbox rows";
+        if lease.partitions.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(Claim::default());
+        }
+        let Some(sql) = self.read_sql(lease) else {
+            return Err(Error::config(format!(
+                "{} has one partition, but the relay asked for some of several",
+                D::NAME
+            )));
+        };
+        let cap = i64::try_from(hold_cap.as_micros()).unwrap_or(i64::MAX);
+        let mut conn = self.pool.acquire().await.map_err(|e| db::<D>(what, e))?;
+        let rows = Stmt::<D::DB>::new(&sql)
+            .int(cap)
+            .int(cap)
+            .int(i64::try_from(max).unwrap_or(i64::MAX))
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| db::<D>(what, e))?;
+        // Decoding needs no transaction unless a row must be parked.
+        let (good, bad) = Self::decode_rows(&rows)?;
+        let mut parked = 0;
+        if !bad.is_empty() {
+            let what = "dead-lettering undecodable outbox rows";
+            let mut tx = Self::begin(&mut conn, what).await?;
+            if self.still_holds(&mut tx, lease.token).await? {
+                for (seq, reason) in &bad {
+                    tracing::warn!(seq, %reason, "outbox row cannot be decoded; dead-lettering it");
+                    self.move_to_dead_letters(
+                        &mut tx,
+                        *seq,
+                        &format!("cannot decode outbox row: {reason}"),
+                    )
+                    .await?;
+                    parked += 1;
+                }
+            }
+            tx.commit().await.map_err(|e| db::<D>(what, e))?;
+        }
+        Ok(Claim { rows: good, parked })
     }
 
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> Result<u64> {
@@ -342,12 +421,14 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
         let what = "recording a rejection";
         let mut conn = self.pool.acquire().await.map_err(|e| db::<D>(what, e))?;
         let mut tx = Self::begin(&mut conn, what).await?;
+        if !self.still_holds(&mut tx, lease.token).await? {
+            return Ok(RejectionOutcome::LeaseLost);
+        }
         let delay = i64::try_from(retry_after.as_micros()).unwrap_or(i64::MAX);
         let touched = Stmt::<D::DB>::new(&self.sql.reject)
             .text(reason)
             .int(delay)
             .int(seq)
-            .int(lease.token)
             .execute(&mut tx)
             .await
             .map_err(|e| db::<D>(what, e))?;

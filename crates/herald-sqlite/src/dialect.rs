@@ -1,13 +1,10 @@
-//! SQLite's SQL: integer microsecond times, JSON id lists, the `BEGIN IMMEDIATE` claim and the
-//! durability checks.
-
-use std::time::{Duration, SystemTime};
+//! SQLite's SQL: integer microsecond times, JSON id lists, one partition (a single writer needs
+//! no more) and the durability checks.
 
 use async_trait::async_trait;
-use herald_core::message::to_micros;
-use herald_core::{Claim, Identifier, Lease, Result};
+use herald_core::{Identifier, Result};
 use herald_sql::{Dialect, Migration, SqlOutbox, Stmt, db, is_connection_error};
-use sqlx::{AssertSqlSafe, Row, Sqlite};
+use sqlx::{Row, Sqlite};
 
 /// SQLite's [`Dialect`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -23,6 +20,9 @@ impl Dialect for SqliteDialect {
     const TRANSACTIONAL_DDL: bool = true;
     const RETURNING_ID: bool = false;
     const MIGRATION_BEGIN: &'static str = "BEGIN IMMEDIATE";
+    const LOCKING_BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
+    const FOR_UPDATE: &'static str = "";
+    const FOR_SHARE: &'static str = "";
 
     /// Lost connections, pool timeouts and busy or locked databases (`SQLITE_BUSY`,
     /// `SQLITE_LOCKED` and their extended codes).
@@ -48,6 +48,15 @@ impl Dialect for SqliteDialect {
 
     fn now_plus_micros(param: &str) -> String {
         format!("({NOW_MICROS} + {param})")
+    }
+
+    fn now() -> String {
+        NOW_MICROS.to_owned()
+    }
+
+    /// SQLite has no hash function in SQL, and one writer: one partition.
+    fn partition_of(_n: u32) -> Option<String> {
+        None
     }
 
     fn select_micros(col: &str) -> String {
@@ -114,48 +123,6 @@ impl Dialect for SqliteDialect {
             .filter_map(|r| r.try_get::<String, _>(0).ok())
             .collect();
         Ok((!have.is_empty()).then_some(have))
-    }
-
-    fn claim_sql(table: &str, columns: &str) -> String {
-        format!(
-            "UPDATE {table} SET lease_owner = ?1, lease_token = ?2, lease_until = ?3 \
-             WHERE id IN (SELECT o.id FROM {table} o \
-               WHERE (o.lease_until IS NULL OR o.lease_until < ?4) \
-                 AND (o.ordering_key IS NULL OR o.ordering_key NOT IN (SELECT e.ordering_key FROM {table} e \
-                      WHERE e.lease_until >= ?4 AND e.ordering_key IS NOT NULL)) \
-               ORDER BY o.id LIMIT ?5) \
-             RETURNING {columns}",
-        )
-    }
-
-    /// Head-of-key claiming in a `BEGIN IMMEDIATE` transaction: a row is free if unleased (or
-    /// its lease expired) and no row of its key is under a live lease; the busy keys are read
-    /// once per claim through the partial index `<table>_leased_idx`. Taking rows in id order
-    /// keeps the claimed rows of each key a prefix of that key's pending rows.
-    async fn claim(
-        outbox: &SqlOutbox<Self>,
-        owner: &str,
-        max: usize,
-        lease: Duration,
-    ) -> Result<Claim> {
-        let handle = Lease::start(lease);
-        let now = to_micros(SystemTime::now());
-        let until = now + lease.as_micros() as i64;
-        let mut tx = outbox
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| db::<Self>("starting a claim", e))?;
-        let rows = sqlx::query(AssertSqlSafe(outbox.claim_sql()))
-            .bind(owner)
-            .bind(handle.token)
-            .bind(until)
-            .bind(now)
-            .bind(max as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| db::<Self>("claiming outbox rows", e))?;
-        outbox.finish_claim(tx, &rows, handle).await
     }
 
     async fn durability_warnings(outbox: &SqlOutbox<Self>) -> Result<Vec<String>> {

@@ -6,8 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use herald_core::membership::{Heartbeat, Holdings, RelayInfo, Standing, new_incarnation};
 use herald_core::memory::MemoryTransport;
-use herald_core::{Message, OutboxStore, RejectionOutcome, Relay, RelayConfig, Result, Transport};
+use herald_core::{
+    Lease, Message, OutboxStore, RejectionOutcome, Relay, RelayConfig, Result, Transport,
+};
 
 /// What the suite needs from a backend. Each harness works in its own isolated schema or file.
 #[async_trait]
@@ -122,96 +125,250 @@ pub async fn late_commit_with_lower_id_is_published(h: &dyn StoreHarness) -> Res
     Ok(())
 }
 
-/// While one relay holds the oldest rows of a key, another relay gets none of that key's rows, but
-/// does get other keys.
-pub async fn head_of_key_claiming(h: &dyn StoreHarness) -> Result<()> {
-    let a: Vec<_> = (0..4)
-        .map(|i| Message::event("t", "A", vec![i]).with_key("key-a"))
-        .collect();
-    let b = Message::event("t", "B", b"b".to_vec()).with_key("key-b");
-    h.enqueue(&a[..2], true).await?;
-    h.enqueue(std::slice::from_ref(&b), true).await?;
-    h.enqueue(&a[2..], true).await?;
+/// Joins `store` as a new relay incarnation alive for `ttl`; returns it and what it holds.
+pub async fn join(store: &dyn OutboxStore, ttl: Duration) -> Result<(i64, Holdings)> {
+    let incarnation = new_incarnation();
+    let info = RelayInfo::this_process("suite");
+    let held = store
+        .heartbeat(&Heartbeat {
+            incarnation,
+            joining: true,
+            relay: &info,
+            ttl,
+            release: &[],
+        })
+        .await?;
+    Ok((incarnation, held))
+}
+
+/// Renews `incarnation` for `ttl`, giving up `release`.
+pub async fn beat(
+    store: &dyn OutboxStore,
+    incarnation: i64,
+    ttl: Duration,
+    release: &[u32],
+) -> Result<Holdings> {
+    let info = RelayInfo::this_process("suite");
+    store
+        .heartbeat(&Heartbeat {
+            incarnation,
+            joining: false,
+            relay: &info,
+            ttl,
+            release,
+        })
+        .await
+}
+
+/// A batch over what `held` holds, publishable for a minute.
+pub fn lease_for(incarnation: i64, held: &Holdings) -> Lease {
+    let all = held.held.len() == held.partitions as usize;
+    Lease::new(
+        incarnation,
+        (!all).then(|| held.held.clone()),
+        held.partitions,
+        Standing::new(
+            incarnation,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        ),
+    )
+}
+
+const CAP: Duration = Duration::from_secs(600);
+
+/// A partition has one owner: a second relay gets none while the first holds all, half once the
+/// first gives its surplus up, and each key's rows are read by exactly one of them, oldest
+/// first. A row waiting out a retry delay holds its key's later rows back, not other keys.
+pub async fn one_owner_per_partition(h: &dyn StoreHarness) -> Result<()> {
+    let keys: Vec<String> = (0..12).map(|k| format!("key-{k}")).collect();
+    for round in 0..2u8 {
+        let batch: Vec<_> = keys
+            .iter()
+            .map(|k| Message::event("t", "E", vec![round]).with_key(k.clone()))
+            .collect();
+        h.enqueue(&batch, true).await?;
+    }
     let (s1, s2) = (h.store().await, h.store().await);
-    let first = s1.claim("r1", 2, Duration::from_secs(30)).await?;
-    let got: Vec<_> = first.rows.iter().map(|r| r.message.id).collect();
+    let ttl = Duration::from_secs(30);
+    let (a, held_a) = join(&*s1, ttl).await?;
+    assert!(held_a.alive);
     assert_eq!(
-        got,
-        vec![a[0].id, a[1].id],
-        "a claim takes rows in id order"
+        held_a.held.len() as u32,
+        held_a.partitions,
+        "a lone relay takes every partition"
     );
-    let second = s2.claim("r2", 10, Duration::from_secs(30)).await?;
-    let got: Vec<_> = second.rows.iter().map(|r| r.message.id).collect();
+    let (b, held_b) = join(&*s2, ttl).await?;
+    assert!(
+        held_b.held.is_empty(),
+        "nothing is free while the first relay is alive"
+    );
+    let held_a = beat(&*s1, a, ttl, &[]).await?;
+    let expected_surplus = held_a.partitions - held_a.partitions.div_ceil(2);
+    assert_eq!(held_a.surplus.len() as u32, expected_surplus, "{held_a:?}");
+    let held_a = beat(&*s1, a, ttl, &held_a.surplus).await?;
+    let held_b = beat(&*s2, b, ttl, &[]).await?;
     assert_eq!(
-        got,
-        vec![b.id],
-        "key-a is held by r1: r2 must not take its later rows"
+        (held_a.held.len() + held_b.held.len()) as u32,
+        held_a.partitions,
+        "{held_a:?} {held_b:?}"
     );
-    // Once r1 marks its rows, key-a's remaining rows become claimable, in order.
-    let seqs: Vec<_> = first.rows.iter().map(|r| r.seq).collect();
-    assert_eq!(s1.complete(&first.lease, &seqs).await?, 2);
-    let third = s2.claim("r2", 10, Duration::from_secs(30)).await?;
-    let got: Vec<_> = third.rows.iter().map(|r| r.message.id).collect();
-    assert_eq!(got, vec![a[2].id, a[3].id]);
+    assert!(held_a.held.iter().all(|p| !held_b.held.contains(p)));
+    let read_a = s1.claim(&lease_for(a, &held_a), 100, CAP).await?;
+    let read_b = s2.claim(&lease_for(b, &held_b), 100, CAP).await?;
+    assert_eq!(
+        read_a.rows.len() + read_b.rows.len(),
+        24,
+        "every row read once"
+    );
+    for k in &keys {
+        let in_a = read_a
+            .rows
+            .iter()
+            .filter(|r| r.message.ordering_key.as_ref() == Some(k));
+        let in_b = read_b
+            .rows
+            .iter()
+            .filter(|r| r.message.ordering_key.as_ref() == Some(k));
+        let (na, nb) = (in_a.clone().count(), in_b.count());
+        assert!(na == 0 || nb == 0, "key {k} read by both relays");
+        let rounds: Vec<u8> = in_a.map(|r| r.message.payload[0]).collect();
+        assert!(rounds.is_empty() || rounds == vec![0, 1], "{k}: {rounds:?}");
+    }
+    // A rejected head holds its key back; the other keys still flow.
+    let (owner, lease, read) = if read_a.rows.is_empty() {
+        (&s2, lease_for(b, &held_b), read_b)
+    } else {
+        (&s1, lease_for(a, &held_a), read_a)
+    };
+    let head = &read.rows[0];
+    let outcome = owner
+        .record_rejection(&lease, head.seq, "no queue yet", 5, Duration::from_secs(30))
+        .await?;
+    assert_eq!(outcome, RejectionOutcome::WillRetry);
+    let again = owner.claim(&lease, 100, CAP).await?;
+    assert!(
+        again
+            .rows
+            .iter()
+            .all(|r| r.message.ordering_key != head.message.ordering_key),
+        "a key waiting for a retry must hold its later rows back"
+    );
+    assert_eq!(again.rows.len(), read.rows.len() - 2);
     Ok(())
 }
 
-/// A relay whose lease expired cannot mark or release rows another relay has claimed since, and
-/// a relay whose lease is no longer usable does not publish.
-pub async fn expired_lease_is_fenced(h: &dyn StoreHarness) -> Result<()> {
+/// A relay that stops heart-beating is taken over by the next heartbeat of another, which
+/// records whom it took over; the silent relay's marks, releases and rejections are refused
+/// from then on, its renewal says it is no longer alive, and it may not publish.
+pub async fn silent_relay_is_taken_over_and_fenced(h: &dyn StoreHarness) -> Result<()> {
     let m = Message::event("t", "M", b"x".to_vec()).with_key("k");
     h.enqueue(std::slice::from_ref(&m), true).await?;
     let (zombie, successor) = (h.store().await, h.store().await);
-    // A zero-length lease is expired the moment it is taken: the zombie "paused" right after.
-    let stale = zombie.claim("zombie", 10, Duration::ZERO).await?;
+    let (z, held_z) = join(&*zombie, Duration::from_millis(1)).await?;
+    let stale_lease = lease_for(z, &held_z);
+    let stale = zombie.claim(&stale_lease, 10, CAP).await?;
     assert_eq!(stale.rows.len(), 1);
-    let fresh = successor
-        .claim("successor", 10, Duration::from_secs(30))
-        .await?;
-    assert_eq!(fresh.rows.len(), 1, "an expired lease can be taken over");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (s, held_s) = join(&*successor, Duration::from_secs(30)).await?;
+    assert_eq!(held_s.held.len() as u32, held_s.partitions, "{held_s:?}");
+    assert_eq!(held_s.took_over.len(), 1, "{held_s:?}");
+    assert_eq!(held_s.took_over[0].incarnation, z);
+    let fresh = successor.claim(&lease_for(s, &held_s), 10, CAP).await?;
     assert_eq!(
-        zombie.complete(&stale.lease, &[stale.rows[0].seq]).await?,
+        fresh.rows.len(),
+        1,
+        "the successor reads the silent relay's rows"
+    );
+    assert_eq!(
+        zombie.complete(&stale_lease, &[stale.rows[0].seq]).await?,
         0,
-        "the zombie's mark must be refused"
+        "the silent relay's mark must be refused"
     );
     assert_eq!(
         zombie
-            .release(&stale.lease, &[stale.rows[0].seq], "zombie")
+            .release(&stale_lease, &[stale.rows[0].seq], "zombie")
             .await?,
         0,
-        "the zombie's release must be refused"
+        "the silent relay's release must be refused"
     );
     assert_eq!(
         zombie
-            .record_rejection(&stale.lease, stale.rows[0].seq, "x", 1, Duration::ZERO)
+            .record_rejection(&stale_lease, stale.rows[0].seq, "x", 1, Duration::ZERO)
             .await?,
         RejectionOutcome::LeaseLost
     );
+    assert!(
+        !beat(&*zombie, z, Duration::from_secs(30), &[]).await?.alive,
+        "a relay taken over must not renew"
+    );
+    let expired = Lease::until(z, tokio::time::Instant::now());
+    assert!(
+        !expired.usable(),
+        "a lease past its deadline is not usable for publishing"
+    );
     assert_eq!(
         successor
-            .complete(&fresh.lease, &[fresh.rows[0].seq])
+            .complete(&lease_for(s, &held_s), &[fresh.rows[0].seq])
             .await?,
         1
     );
+    let relays = successor.relays().await?;
+    let zs = relays
+        .iter()
+        .find(|r| r.incarnation == z)
+        .expect("the silent relay is listed");
     assert!(
-        !stale.lease.usable(Duration::ZERO),
-        "an expired lease is not usable for publishing"
+        matches!(zs.state, herald_core::RelayState::TakenOver { .. }),
+        "{zs:?}"
     );
     Ok(())
 }
 
-/// A released row (after a broker outage) is claimable again at once, without an attempt counted.
+/// A relay that renews in time keeps its partitions, whoever else heart-beats; one that leaves
+/// gives them up at once.
+pub async fn renewal_keeps_and_leaving_frees(h: &dyn StoreHarness) -> Result<()> {
+    let (s1, s2) = (h.store().await, h.store().await);
+    let short = Duration::from_millis(400);
+    let (a, held_a) = join(&*s1, short).await?;
+    let (b, _) = join(&*s2, Duration::from_secs(30)).await?;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(beat(&*s1, a, short, &[]).await?.alive);
+        let held_b = beat(&*s2, b, Duration::from_secs(30), &[]).await?;
+        assert!(
+            held_b.took_over.is_empty(),
+            "a live relay was taken over: {held_b:?}"
+        );
+    }
+    let kept = beat(&*s1, a, short, &[]).await?;
+    assert_eq!(
+        kept.held, held_a.held,
+        "a relay that renews keeps its partitions"
+    );
+    s1.leave(a).await?;
+    let held_b = beat(&*s2, b, Duration::from_secs(30), &[]).await?;
+    assert_eq!(held_b.held.len() as u32, held_b.partitions, "{held_b:?}");
+    assert!(
+        held_b.took_over.is_empty(),
+        "a graceful leave is not a takeover"
+    );
+    Ok(())
+}
+
+/// A released row (after a broker outage) is read again at once, without an attempt counted.
 pub async fn released_rows_are_claimable_again(h: &dyn StoreHarness) -> Result<()> {
     h.enqueue(&[Message::event("t", "M", b"x".to_vec())], true)
         .await?;
     let s = h.store().await;
-    let c = s.claim("r", 10, Duration::from_secs(30)).await?;
+    let (r, held) = join(&*s, Duration::from_secs(30)).await?;
+    let lease = lease_for(r, &held);
+    let c = s.claim(&lease, 10, CAP).await?;
     assert_eq!(
-        s.release(&c.lease, &[c.rows[0].seq], "broker unavailable")
+        s.release(&lease, &[c.rows[0].seq], "broker unavailable")
             .await?,
         1
     );
-    let again = s.claim("r", 10, Duration::from_secs(30)).await?;
+    let again = s.claim(&lease, 10, CAP).await?;
     assert_eq!(again.rows.len(), 1);
     assert_eq!(
         again.rows[0].attempts, 0,
@@ -428,8 +585,9 @@ macro_rules! store_suite {
     ($make:expr) => {
         $crate::store_suite!(@one $make, rolled_back_is_never_published);
         $crate::store_suite!(@one $make, late_commit_with_lower_id_is_published);
-        $crate::store_suite!(@one $make, head_of_key_claiming);
-        $crate::store_suite!(@one $make, expired_lease_is_fenced);
+        $crate::store_suite!(@one $make, one_owner_per_partition);
+        $crate::store_suite!(@one $make, silent_relay_is_taken_over_and_fenced);
+        $crate::store_suite!(@one $make, renewal_keeps_and_leaving_frees);
         $crate::store_suite!(@one $make, released_rows_are_claimable_again);
         $crate::store_suite!(@one $make, poison_is_dead_lettered_with_reason);
         $crate::store_suite!(@one $make, undecodable_row_is_dead_lettered);

@@ -39,11 +39,14 @@
 
 pub use herald_core::{
     Applied, Apply, BoxError, Claim, Consumer, ConsumerConfig, Delivery, DestinationStats, Error,
-    Failpoint, FallbackPublisher, FallbackReport, Identifier, Kind, Lease, Message, OutboxRow,
-    OutboxStore, Park, Received, RejectionOutcome, Relay, RelayConfig, ReplayFrom, Result,
-    SecretUrl, Subscriber, Subscription, TickReport, Transport, Undecodable, Waker,
+    Failpoint, FallbackPublisher, FallbackReport, Heartbeat, Holdings, Identifier, Kind, Lease,
+    Message, OutboxRow, OutboxStore, Park, Received, RejectionOutcome, Relay, RelayConfig,
+    RelayInfo, RelayState, RelayStatus, ReplayFrom, Result, SecretUrl, Subscriber, Subscription,
+    TickReport, Transport, Undecodable, Waker,
 };
-pub use herald_core::{backoff, cloudevents, consumer, fallback, memory, message, relay};
+pub use herald_core::{
+    backoff, cloudevents, consumer, fallback, membership, memory, message, relay,
+};
 
 /// Helpers for writing a backend (a store or a transport), beyond the traits: not needed to use
 /// herald.
