@@ -53,6 +53,10 @@ pub struct RelayArgs {
     /// Longest wait between two attempts of a rejected message.
     #[arg(long, env = "HERALD_RETRY_DELAY_MAX", default_value = "30s", value_parser = parse_duration)]
     retry_delay_max: Duration,
+    /// Longest wait between retries after a broker or database outage (the waits start at
+    /// 100ms and double up to this).
+    #[arg(long, env = "HERALD_BACKOFF_MAX", default_value = "5s", value_parser = parse_duration)]
+    backoff_max: Duration,
     /// Largest message published (1024 to 1073741824); larger ones are dead-lettered.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     max_message_bytes: usize,
@@ -82,6 +86,7 @@ impl RelayArgs {
             retry_window: self.retry_window,
             retry_delay_max: self.retry_delay_max,
             max_message_bytes: self.max_message_bytes,
+            backoff_max: self.backoff_max,
             ..RelayConfig::default()
         };
         if let Some(id) = &self.relay_id {

@@ -59,6 +59,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let consumer_dead = consumer_dead_letters(&db, &table).await?;
     println!("total: pending={pending} dead_letters={dead} consumer_dead_letters={consumer_dead}");
+    print_relays(&store.relays().await?);
 
     let Some(broker) = &args.broker else {
         return Ok(ExitCode::SUCCESS);
@@ -101,6 +102,86 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("(name groups with --events SERVICE:TOPIC or --commands SERVICE:QUEUE)");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long ago `t` was, for a table cell.
+fn ago(t: Option<SystemTime>) -> String {
+    t.and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map_or_else(
+            || "-".to_owned(),
+            |d| format!("{:.1}s ago", d.as_secs_f64()),
+        )
+}
+
+/// `0-3,7` for partitions 0, 1, 2, 3 and 7.
+fn ranges(parts: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < parts.len() {
+        let mut j = i;
+        while j + 1 < parts.len() && parts[j + 1] == parts[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            parts[i].to_string()
+        } else {
+            format!("{}-{}", parts[i], parts[j])
+        });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "-".to_owned()
+    } else {
+        out.join(",")
+    }
+}
+
+/// The live relays and those that ended within the last hour, with what they hold and how
+/// they ended (a takeover names who took over).
+fn print_relays(relays: &[herald::RelayStatus]) {
+    use herald::RelayState;
+    let hour = std::time::Duration::from_secs(3600);
+    let recent = |t: Option<SystemTime>| {
+        t.and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|d| d < hour)
+    };
+    let shown: Vec<_> = relays
+        .iter()
+        .filter(|r| match &r.state {
+            RelayState::Live | RelayState::Silent => true,
+            RelayState::Stopped { at } | RelayState::TakenOver { at, .. } => recent(*at),
+        })
+        .collect();
+    println!();
+    let live = shown.iter().filter(|r| r.state == RelayState::Live).count();
+    println!("relays: {live} live");
+    if shown.is_empty() {
+        println!("(no relay has run against this outbox in the last hour)");
+        return;
+    }
+    println!(
+        "{:<28} {:<20} {:>8} {:>12} {:>12}  {:<16} state",
+        "relay", "host", "pid", "started", "heartbeat", "partitions"
+    );
+    for r in shown {
+        let state = match &r.state {
+            RelayState::Live => "live".to_owned(),
+            RelayState::Silent => "silent: not heart-beating, not yet taken over".to_owned(),
+            RelayState::Stopped { at } => format!("stopped {}", ago(*at)),
+            RelayState::TakenOver { by, at } => {
+                format!("taken over by {by} {} (it stopped heart-beating)", ago(*at))
+            }
+        };
+        println!(
+            "{:<28} {:<20} {:>8} {:>12} {:>12}  {:<16} {state}",
+            r.relay.relay_id,
+            r.relay.host,
+            r.relay.pid,
+            ago(r.started_at),
+            ago(r.heartbeat_at),
+            ranges(&r.partitions),
+        );
+    }
 }
 
 async fn consumer_dead_letters(

@@ -297,7 +297,17 @@ impl Relay {
                 ttl: cfg.liveness(),
                 release: &release,
             };
-            let holdings = match self.inner.store.heartbeat(&beat).await {
+            // A heartbeat stuck on a dead connection must not hold the next one up: past the
+            // liveness it no longer matters what it would have said.
+            let answer = tokio::time::timeout(cfg.liveness(), self.inner.store.heartbeat(&beat))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Timeout {
+                        what: "heartbeat".to_owned(),
+                        after: cfg.liveness(),
+                    })
+                });
+            let holdings = match answer {
                 Ok(h) => h,
                 Err(e) => {
                     self.count(&self.inner.counters.heartbeat_errors, 1);
@@ -408,7 +418,9 @@ impl Relay {
     fn take_share(&self, worker: usize, workers: usize) -> Option<(Lease, Busy<'_>)> {
         let m = &self.inner.members;
         let mut st = m.lock();
-        if !st.joined {
+        // Not joined, or no heartbeat in time (the database is unreachable): nothing could be
+        // published, so nothing is read.
+        if !st.joined || !m.standing.may_publish(st.incarnation) {
             return None;
         }
         let mine: Vec<u32> = st

@@ -655,87 +655,10 @@ async fn a_killed_relays_partitions_are_taken_over_within_the_lease() {
     );
 }
 
-/// A store whose calls hang while `paused` is set: a relay frozen (SIGSTOP) or cut off from its
-/// database.
-struct Freezable {
-    inner: Arc<MemoryStore>,
-    paused: tokio::sync::watch::Sender<bool>,
-    /// Freeze right after the next read that returns rows.
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl Freezable {
-    async fn thaw(&self) {
-        let mut p = self.paused.subscribe();
-        let _ = p.wait_for(|paused| !paused).await;
-    }
-}
-
-#[async_trait]
-impl OutboxStore for Freezable {
-    async fn heartbeat(&self, beat: &herald_core::Heartbeat<'_>) -> Result<herald_core::Holdings> {
-        self.thaw().await;
-        self.inner.heartbeat(beat).await
-    }
-    async fn leave(&self, incarnation: i64) -> Result<()> {
-        self.thaw().await;
-        self.inner.leave(incarnation).await
-    }
-    async fn relays(&self) -> Result<Vec<herald_core::RelayStatus>> {
-        self.inner.relays().await
-    }
-    async fn claim(
-        &self,
-        lease: &herald_core::Lease,
-        max: usize,
-        cap: Duration,
-    ) -> Result<herald_core::Claim> {
-        self.thaw().await;
-        let c = self.inner.claim(lease, max, cap).await?;
-        // Frozen between the read and the publish, the worst moment.
-        if !c.rows.is_empty() && self.armed.swap(false, Ordering::SeqCst) {
-            self.paused.send_replace(true);
-        }
-        self.thaw().await;
-        Ok(c)
-    }
-    async fn complete(&self, lease: &herald_core::Lease, seqs: &[i64]) -> Result<u64> {
-        self.thaw().await;
-        self.inner.complete(lease, seqs).await
-    }
-    async fn release(&self, lease: &herald_core::Lease, seqs: &[i64], why: &str) -> Result<u64> {
-        self.thaw().await;
-        self.inner.release(lease, seqs, why).await
-    }
-    async fn record_rejection(
-        &self,
-        lease: &herald_core::Lease,
-        seq: i64,
-        reason: &str,
-        max: u32,
-        after: Duration,
-    ) -> Result<herald_core::RejectionOutcome> {
-        self.thaw().await;
-        self.inner
-            .record_rejection(lease, seq, reason, max, after)
-            .await
-    }
-    async fn stats(&self) -> Result<Vec<herald_core::DestinationStats>> {
-        self.inner.stats().await
-    }
-    async fn durability_warnings(&self) -> Result<Vec<String>> {
-        Ok(Vec::new())
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_paused_relay_is_taken_over_and_publishes_nothing_out_of_turn_when_it_wakes() {
     let store = Arc::new(MemoryStore::with_partitions(1));
-    let frozen = Arc::new(Freezable {
-        inner: store.clone(),
-        paused: tokio::sync::watch::channel(false).0,
-        armed: false.into(),
-    });
+    let frozen = herald_testkit::Freezable::new(store.clone());
     let t = Scripted::confirming();
     let a = Relay::new(frozen.clone(), t.clone(), config()).unwrap();
     let b = relay(&store, t.clone());
@@ -748,12 +671,12 @@ async fn a_paused_relay_is_taken_over_and_publishes_nothing_out_of_turn_when_it_
     .await;
     let (run_b, stop_b) = spawn_run(&b);
     // The holder reads these rows, then freezes before publishing them.
-    frozen.armed.store(true, Ordering::SeqCst);
+    frozen.freeze_after_next_read();
     for i in 0..6 {
         store.enqueue(msg(&format!("m{i}"), "k"));
     }
     wait_for("the holder freezing", Duration::from_secs(5), || {
-        *frozen.paused.borrow()
+        frozen.is_frozen()
     })
     .await;
     let took = wait_for("the takeover", config().lease * 2, || b.holdings().1 == [0]).await;
@@ -762,7 +685,7 @@ async fn a_paused_relay_is_taken_over_and_publishes_nothing_out_of_turn_when_it_
         store.pending() == 0
     })
     .await;
-    frozen.paused.send_replace(false);
+    frozen.thaw();
     wait_for("the frozen relay rejoining", Duration::from_secs(5), || {
         a.counters().taken_over.load(Ordering::SeqCst) == 1
     })

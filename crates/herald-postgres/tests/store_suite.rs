@@ -60,6 +60,30 @@ impl StoreHarness for Postgres {
         sql_store::store::<D>(&self.pool, &self.table).await
     }
 
+    fn server(&self) -> Option<std::net::SocketAddr> {
+        let url = url::Url::parse(&url()).ok()?;
+        let host = url.host_str()?.to_owned();
+        let port = url.port().unwrap_or(5432);
+        std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .ok()?
+            .next()
+    }
+
+    async fn store_at(&self, addr: std::net::SocketAddr) -> Option<Arc<dyn OutboxStore>> {
+        let opts: PgConnectOptions = url().parse().ok()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .connect_with(
+                opts.host(&addr.ip().to_string())
+                    .port(addr.port())
+                    .options([("search_path", self.schema.as_str())]),
+            )
+            .await
+            .ok()?;
+        Some(sql_store::store::<D>(&pool, &self.table).await)
+    }
+
     async fn enqueue(&self, messages: &[Message], commit: bool) -> Result<()> {
         sql_store::enqueue::<D>(&self.pool, &self.table, messages, commit).await
     }

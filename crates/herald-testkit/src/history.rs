@@ -9,6 +9,7 @@
 //! effect row the handler committed.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -32,6 +33,23 @@ pub struct History {
     effects: Vec<(Uuid, String, u64)>,
     dead_letters: HashMap<Uuid, String>,
     settled: usize,
+    /// When each committed message's commit returned, and when it was first delivered.
+    committed_at: HashMap<Uuid, Instant>,
+    first_delivered_at: HashMap<Uuid, Instant>,
+}
+
+/// The wait from a commit returning to the message's first delivery, over the messages whose
+/// commit the producer saw (outcomes settled later have no commit time).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Waits {
+    /// Messages measured.
+    pub count: usize,
+    /// Median.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Longest.
+    pub max: Duration,
 }
 
 /// The checker's verdict.
@@ -61,6 +79,8 @@ pub struct Verdict {
     pub out_of_order: Vec<Uuid>,
     /// Messages parked in a dead-letter store, with the reason.
     pub dead_lettered: Vec<(Uuid, String)>,
+    /// Commit to first delivery.
+    pub waits: Waits,
 }
 
 impl Verdict {
@@ -82,6 +102,9 @@ impl History {
     /// Records the outcome of the transaction that carried message `id`, the `seq`-th version of
     /// `key` (versions of a key count up from 1 in commit order).
     pub fn produced(&mut self, id: Uuid, key: &str, seq: u64, outcome: Outcome) {
+        if outcome == Outcome::Committed {
+            self.committed_at.insert(id, Instant::now());
+        }
         self.produced.insert(id, (outcome, key.to_owned(), seq));
     }
 
@@ -115,7 +138,36 @@ impl History {
 
     /// A consumer received message `id` carrying `key` and `seq` (duplicates included).
     pub fn delivered(&mut self, id: Uuid, key: &str, seq: u64) {
+        self.first_delivered_at
+            .entry(id)
+            .or_insert_with(Instant::now);
         self.deliveries.push((id, key.to_owned(), seq));
+    }
+
+    /// Commit-to-first-delivery waits of the messages delivered so far.
+    pub fn waits(&self) -> Waits {
+        let mut waits: Vec<Duration> = self
+            .committed_at
+            .iter()
+            .filter_map(|(id, c)| {
+                self.first_delivered_at
+                    .get(id)
+                    .map(|d| d.saturating_duration_since(*c))
+            })
+            .collect();
+        waits.sort_unstable();
+        let at = |q: f64| {
+            waits
+                .get(((waits.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
+        Waits {
+            count: waits.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: waits.last().copied().unwrap_or_default(),
+        }
     }
 
     /// A consumer's handler committed the effect of message `id`; call in the order the effects
@@ -219,6 +271,7 @@ impl History {
             .iter()
             .map(|(id, r)| (*id, r.clone()))
             .collect();
+        v.waits = self.waits();
         v
     }
 }

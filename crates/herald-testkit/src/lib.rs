@@ -3,6 +3,7 @@
 
 pub mod consumer_suite;
 mod flaky;
+mod freeze;
 mod history;
 pub mod inbox_suite;
 mod memory_store;
@@ -15,7 +16,8 @@ pub mod transport_suite;
 pub mod verify;
 
 pub use flaky::FlakyTransport;
-pub use history::{History, Outcome, Verdict};
+pub use freeze::Freezable;
+pub use history::{History, Outcome, Verdict, Waits};
 pub use memory_store::MemoryStore;
 pub use proxy::{ChaosProxy, Direction, Link};
 

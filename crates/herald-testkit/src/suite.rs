@@ -51,6 +51,17 @@ pub trait StoreHarness: Send + Sync {
     async fn insert_undecodable(&self, destination: &str) -> Result<()>;
     /// Reasons recorded in the dead-letter table, by destination.
     async fn dead_letter_reasons(&self) -> Result<Vec<(String, String)>>;
+    /// The database server's address, for a relay that reaches it through a proxy; `None` for
+    /// a database in a file.
+    fn server(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
+    /// A store that reaches the database server at `addr` (a proxy in front of
+    /// [`server`](Self::server)).
+    async fn store_at(&self, addr: std::net::SocketAddr) -> Option<Arc<dyn OutboxStore>> {
+        let _ = addr;
+        None
+    }
     /// Removes what the harness created (schema, files). Called after a passing test; a failing
     /// one leaves its data for inspection.
     async fn cleanup(&self) {}
@@ -481,9 +492,11 @@ pub async fn plain_sql_row_is_published(h: &dyn StoreHarness) -> Result<()> {
     Ok(())
 }
 
-/// Two relays draining one outbox concurrently: every message published, each key in order.
+/// Two relays running side by side on one outbox, one of them killed mid-way (its task
+/// dropped: no goodbye, no release): the other holds every partition within the lease and
+/// publishes the rest; every message arrives, and each key's first deliveries are in order.
 pub async fn two_relays_keep_order_per_key(h: &dyn StoreHarness) -> Result<()> {
-    // Few keys and small batches, so that each key's rows spread over both relays' batches.
+    // Few keys and small batches, so that each key's rows spread over many batches.
     let keys = 5;
     let per_key = 40u8;
     let mut expected = 0;
@@ -497,27 +510,307 @@ pub async fn two_relays_keep_order_per_key(h: &dyn StoreHarness) -> Result<()> {
     let broker = MemoryTransport::new();
     // Publishing takes a random few milliseconds, so the two relays interleave as real ones do.
     let transport: Arc<dyn Transport> = Arc::new(Jittery(broker.clone()));
+    let lease = Duration::from_millis(800);
     let small = |id| RelayConfig {
         batch_size: 3,
+        lease,
+        poll_interval: Duration::from_millis(10),
         ..cfg(id)
     };
     let r1 = Relay::new(h.store().await, transport.clone(), small("r1"))?;
     let r2 = Relay::new(h.store().await, transport, small("r2"))?;
-    let (a, b) = tokio::join!(drain(&r1), drain(&r2));
+    let run = |r: &Relay| {
+        let r = r.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            r.run(async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        (task, tx)
+    };
+    let (t1, _keep) = run(&r1);
+    let (t2, stop2) = run(&r2);
+    let distinct = |b: &MemoryTransport| {
+        b.published()
+            .iter()
+            .map(|m| m.id)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let limit = std::time::Instant::now() + Duration::from_secs(60);
+    while distinct(&broker) < expected / 3 {
+        assert!(
+            std::time::Instant::now() < limit,
+            "nothing published in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t1.abort();
+    let killed = std::time::Instant::now();
+    let (_, _, of) = r2.holdings();
+    while r2.holdings().1.len() < of as usize {
+        assert!(
+            killed.elapsed() < 10 * lease,
+            "the survivor did not take over: {:?}",
+            r2.holdings()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = killed.elapsed();
+    // The bound is the lease; a loaded test machine gets one more.
+    assert!(took <= 2 * lease, "takeover took {took:?}, lease {lease:?}");
+    while distinct(&broker) < expected {
+        assert!(
+            std::time::Instant::now() < limit,
+            "not everything was published"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = stop2.send(());
+    t2.await.expect("relay task")?;
     let published = broker.published();
-    assert_eq!(a? + b?, expected);
-    assert_eq!(published.len(), expected, "no message lost or duplicated");
+    let mut first: std::collections::HashSet<uuid::Uuid> = std::collections::HashSet::new();
     let mut last: HashMap<String, u8> = HashMap::new();
     for m in &published {
+        if !first.insert(m.id) {
+            continue; // a duplicate of the killed relay's batch in flight
+        }
         let key = m.ordering_key.clone().unwrap_or_default();
         let seq = m.payload[0];
         if let Some(prev) = last.insert(key.clone(), seq) {
             assert!(
                 seq > prev,
-                "key {key} published out of order: {seq} after {prev}"
+                "key {key} first delivered out of order: {seq} after {prev}"
             );
         }
     }
+    assert_eq!(first.len(), expected, "no message lost");
+    assert!(
+        published.len() - expected <= 3,
+        "at most the killed relay's batch in flight is published twice, got {} duplicates",
+        published.len() - expected
+    );
+    Ok(())
+}
+
+/// Runs `relay` until the returned sender fires or the task is aborted.
+fn spawn_run(
+    relay: &Relay,
+) -> (
+    tokio::task::JoinHandle<Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let r = relay.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        r.run(async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (task, tx)
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start.elapsed()
+}
+
+/// Checks that `published` holds each of `expected` messages of key `k` once at least and that
+/// their first deliveries are in payload order; returns the duplicates.
+fn first_deliveries_in_order(published: &[Message], expected: usize) -> usize {
+    let mut first = std::collections::HashSet::new();
+    let mut last: HashMap<String, u8> = HashMap::new();
+    for m in published {
+        if !first.insert(m.id) {
+            continue;
+        }
+        let key = m.ordering_key.clone().unwrap_or_default();
+        let seq = m.payload[0];
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(
+                seq > prev,
+                "key {key} first delivered out of order: {seq} after {prev}"
+            );
+        }
+    }
+    assert_eq!(first.len(), expected, "every message delivered");
+    published.len() - expected
+}
+
+/// A relay frozen between reading a batch and publishing it (SIGSTOP, a long GC pause) for
+/// longer than the lease: another relay takes its partitions within the lease and publishes the
+/// batch; when the frozen one wakes it publishes nothing of its stale batch, its marks are
+/// refused, and it rejoins.
+pub async fn a_paused_relay_is_fenced_when_it_wakes(h: &dyn StoreHarness) -> Result<()> {
+    let lease = Duration::from_millis(800);
+    let conf = |id| RelayConfig {
+        lease,
+        poll_interval: Duration::from_millis(10),
+        ..cfg(id)
+    };
+    let broker = MemoryTransport::new();
+    let frozen = crate::Freezable::new(h.store().await);
+    let a = Relay::new(frozen.clone(), Arc::new(broker.clone()), conf("paused"))?;
+    let b = Relay::new(h.store().await, Arc::new(broker.clone()), conf("survivor"))?;
+    let (run_a, stop_a) = spawn_run(&a);
+    wait_until(
+        "the first relay holding everything",
+        Duration::from_secs(10),
+        || {
+            let (_, held, of) = a.holdings();
+            of > 0 && held.len() == of as usize
+        },
+    )
+    .await;
+    let (run_b, stop_b) = spawn_run(&b);
+    frozen.freeze_after_next_read();
+    let batch: Vec<_> = (0..6u8)
+        .map(|i| Message::event("t", "E", vec![i]).with_key("k"))
+        .collect();
+    h.enqueue(&batch, true).await?;
+    wait_until(
+        "the holder freezing after its read",
+        Duration::from_secs(10),
+        || frozen.is_frozen(),
+    )
+    .await;
+    let frozen_at = std::time::Instant::now();
+    let (_, _, of) = a.holdings();
+    let took = wait_until("the takeover", 10 * lease, || {
+        b.holdings().1.len() == of as usize
+    })
+    .await;
+    assert!(took <= 2 * lease, "takeover took {took:?}, lease {lease:?}");
+    wait_until(
+        "the survivor publishing the batch",
+        Duration::from_secs(10),
+        || broker.published().len() >= 6,
+    )
+    .await;
+    // Frozen for longer than the lease in all.
+    tokio::time::sleep((lease + Duration::from_millis(200)).saturating_sub(frozen_at.elapsed()))
+        .await;
+    frozen.thaw();
+    wait_until("the woken relay rejoining", Duration::from_secs(10), || {
+        a.counters()
+            .taken_over
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    })
+    .await;
+    let more: Vec<_> = (6..9u8)
+        .map(|i| Message::event("t", "E", vec![i]).with_key("k"))
+        .collect();
+    h.enqueue(&more, true).await?;
+    wait_until("the rest", Duration::from_secs(10), || {
+        broker.published().len() >= 9
+    })
+    .await;
+    let _ = stop_a.send(());
+    let _ = stop_b.send(());
+    run_a.await.expect("relay task")?;
+    run_b.await.expect("relay task")?;
+    let published = broker.published();
+    assert_eq!(
+        first_deliveries_in_order(&published, 9),
+        0,
+        "the woken relay published nothing of its stale batch"
+    );
+    assert!(
+        a.counters()
+            .lease_lost
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 6
+    );
+    Ok(())
+}
+
+/// A relay whose database link goes silent (packets dropped: no error, no answer) stops
+/// publishing at its deadline and is taken over within the lease; nothing is lost or reordered.
+pub async fn a_relay_cut_off_from_the_database_is_taken_over(h: &dyn StoreHarness) -> Result<()> {
+    let Some(server) = h.server() else {
+        eprintln!("not applicable: the database is a file, there is no link to cut");
+        return Ok(());
+    };
+    let proxy = crate::ChaosProxy::start(server)
+        .await
+        .map_err(|e| herald_core::Error::unavailable("chaos proxy", e))?;
+    let Some(cut) = h.store_at(proxy.addr()).await else {
+        return Ok(());
+    };
+    let lease = Duration::from_millis(800);
+    let conf = |id| RelayConfig {
+        lease,
+        poll_interval: Duration::from_millis(10),
+        ..cfg(id)
+    };
+    let broker = MemoryTransport::new();
+    let a = Relay::new(cut, Arc::new(broker.clone()), conf("cut"))?;
+    let b = Relay::new(h.store().await, Arc::new(broker.clone()), conf("survivor"))?;
+    let (run_a, stop_a) = spawn_run(&a);
+    wait_until(
+        "the first relay holding everything",
+        Duration::from_secs(10),
+        || {
+            let (_, held, of) = a.holdings();
+            of > 0 && held.len() == of as usize
+        },
+    )
+    .await;
+    let (run_b, stop_b) = spawn_run(&b);
+    let first: Vec<_> = (0..5u8)
+        .map(|i| Message::event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
+        .collect();
+    h.enqueue(&first, true).await?;
+    wait_until(
+        "the first relay publishing",
+        Duration::from_secs(10),
+        || broker.published().len() >= 5,
+    )
+    .await;
+    proxy.set(crate::Link::Blackhole);
+    let (_, _, of) = a.holdings();
+    let took = wait_until("the takeover", 10 * lease, || {
+        b.holdings().1.len() == of as usize
+    })
+    .await;
+    assert!(took <= 2 * lease, "takeover took {took:?}, lease {lease:?}");
+    let rest: Vec<_> = (5..10u8)
+        .map(|i| Message::event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
+        .collect();
+    h.enqueue(&rest, true).await?;
+    wait_until("the survivor publishing", Duration::from_secs(10), || {
+        broker
+            .published()
+            .iter()
+            .map(|m| m.id)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            >= 10
+    })
+    .await;
+    proxy.heal();
+    let _ = stop_b.send(());
+    run_b.await.expect("relay task")?;
+    let _ = stop_a.send(());
+    // The cut relay's calls on its dead connections may still hang; its stop is bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(30), run_a).await;
+    let published = broker.published();
+    let dups = first_deliveries_in_order(&published, 10);
+    assert!(
+        dups <= 5,
+        "only a batch in flight may be published twice, got {dups}"
+    );
     Ok(())
 }
 
@@ -593,6 +886,8 @@ macro_rules! store_suite {
         $crate::store_suite!(@one $make, undecodable_row_is_dead_lettered);
         $crate::store_suite!(@one $make, plain_sql_row_is_published);
         $crate::store_suite!(@one $make, two_relays_keep_order_per_key);
+        $crate::store_suite!(@one $make, a_paused_relay_is_fenced_when_it_wakes);
+        $crate::store_suite!(@one $make, a_relay_cut_off_from_the_database_is_taken_over);
         $crate::store_suite!(@poison $make, rows_end_published_or_dead_lettered);
     };
     (@poison $make:expr, $name:ident) => {

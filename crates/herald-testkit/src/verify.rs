@@ -327,12 +327,22 @@ pub struct ModeResult {
     /// How long the backlog took to drain after the faults healed; `None` if it did not drain
     /// within the bound.
     pub drained_in: Option<Duration>,
+    /// The longest a committed message may wait for its first delivery in this run (the
+    /// takeover bound plus the longest fault and the time to notice it healed); `None` where
+    /// the mode has no relay.
+    pub wait_bound: Option<Duration>,
 }
 
 impl ModeResult {
-    /// The guarantees held and the backlog drained.
+    /// The guarantees held, the backlog drained, and no message waited past the bound.
     pub fn ok(&self) -> bool {
-        self.verdict.ok() && self.drained_in.is_some()
+        self.verdict.ok() && self.drained_in.is_some() && self.waits_ok()
+    }
+
+    /// No committed message waited longer than [`wait_bound`](Self::wait_bound).
+    pub fn waits_ok(&self) -> bool {
+        self.wait_bound
+            .is_none_or(|bound| self.verdict.waits.max <= bound)
     }
 }
 
@@ -341,7 +351,7 @@ pub fn table(results: &[ModeResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<18} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8} {:>7} {:>6} {:>9}",
+        "{:<18} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9} {:>9}",
         "mode",
         "committed",
         "rolledbk",
@@ -354,16 +364,24 @@ pub fn table(results: &[ModeResult]) -> String {
         "dup-effs",
         "dead-lt",
         "faults",
-        "drained"
+        "drained",
+        "wait p99",
+        "wait max"
     );
     for r in results {
         let v = &r.verdict;
         let drained = r
             .drained_in
             .map_or_else(|| "NO".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+        let secs = |d: Duration| format!("{:.2}s", d.as_secs_f64());
+        let max = if r.waits_ok() {
+            secs(v.waits.max)
+        } else {
+            format!("{}!", secs(v.waits.max))
+        };
         let _ = writeln!(
             out,
-            "{:<18} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8} {:>7} {:>6} {:>9}",
+            "{:<18} {:>9} {:>9} {:>7} {:>9} {:>6} {:>7} {:>8} {:>9} {:>8} {:>7} {:>6} {:>9} {:>9} {:>9}",
             r.mode.name(),
             v.committed,
             v.rolled_back,
@@ -376,7 +394,9 @@ pub fn table(results: &[ModeResult]) -> String {
             v.duplicate_effects.len(),
             v.dead_lettered.len(),
             r.faults,
-            drained
+            drained,
+            secs(v.waits.p99),
+            max
         );
     }
     out

@@ -93,6 +93,21 @@ impl Report {
                 rate.name, rate.per_second, rate.count
             );
         }
+        if let Some(d) = &r.drain {
+            if let Some(c) = &d.relay_db_cost {
+                println!(
+                    "drain, the relay's own PostgreSQL cost per message: {:.0} WAL bytes, {:.3} transactions, {:.2} rows written",
+                    c.wal_bytes_per_event, c.transactions_per_event, c.rows_written_per_event
+                );
+            }
+            if let Some(b) = d.peak_rss_bytes {
+                println!(
+                    "drain, peak resident memory of the bench process (relay with its batches in flight): {:.1} MiB for a backlog of {}",
+                    b as f64 / (1024.0 * 1024.0),
+                    d.count
+                );
+            }
+        }
         if let Some((rate, _)) = &r.naive {
             println!(
                 "{:<44} {:>12.0} {:>10}",

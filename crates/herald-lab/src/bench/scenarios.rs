@@ -99,6 +99,20 @@ pub struct Rate {
     pub count: u64,
     pub seconds: f64,
     pub per_second: f64,
+    /// The bench process's peak resident memory during the scenario (Linux), where measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+    /// What the relay alone cost PostgreSQL per message during the scenario.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_db_cost: Option<RelayCost>,
+}
+
+/// The relay's own database writes per message (the producer's insert is not counted).
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayCost {
+    pub wal_bytes_per_event: f64,
+    pub transactions_per_event: f64,
+    pub rows_written_per_event: f64,
 }
 
 impl Rate {
@@ -109,8 +123,23 @@ impl Rate {
             count,
             seconds,
             per_second: count as f64 / seconds.max(1e-9),
+            peak_rss_bytes: None,
+            relay_db_cost: None,
         }
     }
+}
+
+/// Resets the process's peak resident set size, so the next [`peak_rss`] covers what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident set size since start or the last [`reset_peak_rss`] (VmHWM).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Raw publishing with confirmations through the same client and in-flight window as the relay
@@ -197,6 +226,8 @@ async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) ->
     env.db.prefill(&messages).await?;
     drop(messages);
     let relay = env.relay(broker, "bench-drain").await?;
+    let before = env.db.pg_counters().await?;
+    reset_peak_rss();
     let done = Arc::new(AtomicU64::new(0));
     let _p = Progress::start(label.into(), done.clone(), Some(n));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -227,11 +258,25 @@ async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) ->
     let elapsed = started.elapsed();
     let _ = stop_tx.send(true);
     runner.await??;
+    let peak = peak_rss();
+    let after = env.db.pg_counters().await?;
     // Later scenarios should not inherit the drain's dead rows.
     if let Database::Postgres(p) = &env.db.db {
         sqlx::query("VACUUM herald_outbox").execute(p).await?;
     }
-    Ok(Rate::new("drain (outbox to broker)", n, elapsed))
+    let mut rate = Rate::new("drain (outbox to broker)", n, elapsed);
+    rate.peak_rss_bytes = peak;
+    if let (Some(b), Some(a)) = (before, after) {
+        let per = |x: i64| x as f64 / n.max(1) as f64;
+        rate.relay_db_cost = Some(RelayCost {
+            wal_bytes_per_event: per(a.wal_bytes - b.wal_bytes),
+            transactions_per_event: per(a.xact_commit - b.xact_commit),
+            rows_written_per_event: per((a.tup_inserted - b.tup_inserted)
+                + (a.tup_updated - b.tup_updated)
+                + (a.tup_deleted - b.tup_deleted)),
+        });
+    }
+    Ok(rate)
 }
 
 /// Latencies of one steady run.

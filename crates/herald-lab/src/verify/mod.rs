@@ -213,14 +213,28 @@ async fn run_all(
                 );
             } else {
                 println!(
-                    "outbox: GUARANTEE VIOLATED: lost={:?} phantom={:?} out_of_order={:?} duplicate_effects={:?} drained={}",
+                    "outbox: GUARANTEE VIOLATED: lost={:?} phantom={:?} out_of_order={:?} duplicate_effects={:?} drained={} waited_past_bound={}",
                     first(&v.lost),
                     first(&v.phantom),
                     first(&v.out_of_order),
                     first(&v.duplicate_effects),
-                    r.drained_in.is_some()
+                    r.drained_in.is_some(),
+                    !r.waits_ok()
                 );
             }
+        }
+        if let Some(bound) = r.wait_bound {
+            println!(
+                "{}: commit to first delivery p50 {:.2}s p99 {:.2}s max {:.2}s over {} messages; bound {:.2}s (lease {:?} + longest fault + publish timeout + backoff){}",
+                r.mode.name(),
+                v.waits.p50.as_secs_f64(),
+                v.waits.p99.as_secs_f64(),
+                v.waits.max.as_secs_f64(),
+                v.waits.count,
+                bound.as_secs_f64(),
+                args.lease,
+                if r.waits_ok() { "" } else { ": EXCEEDED" }
+            );
         }
         for (id, reason) in v.dead_lettered.iter().take(3) {
             println!("{}: dead letter {id}: {reason}", r.mode.name());
@@ -271,6 +285,10 @@ fn write_json(
                 "faults": r.faults,
                 "relay_failpoint_aborts": aborts,
                 "drained_s": r.drained_in.map(|d| d.as_secs_f64()),
+                "wait_p50_s": v.waits.p50.as_secs_f64(),
+                "wait_p99_s": v.waits.p99.as_secs_f64(),
+                "wait_max_s": v.waits.max.as_secs_f64(),
+                "wait_bound_s": r.wait_bound.map(|d| d.as_secs_f64()),
                 "ok": r.ok(),
             })
         })
@@ -604,11 +622,12 @@ async fn run_mode_in(
         })
     };
     let mut plan = FaultPlan::new(seed, mode, env.caps, args.lease);
+    let mut longest = Duration::ZERO;
     if let Some(kinds) = &args.faults {
         plan = plan.only(kinds);
     }
     if !args.no_faults {
-        inject(
+        longest = inject(
             env,
             &mut plan,
             &mut relays,
@@ -689,6 +708,7 @@ async fn run_mode_in(
             verdict,
             faults: progress.faults.load(Ordering::Relaxed) as usize,
             drained_in,
+            wait_bound: mode.uses_relay().then(|| wait_bound(args.lease, longest)),
         },
         aborts,
     ))
@@ -841,6 +861,14 @@ async fn produce(mut ctx: ProducerCtx) {
 }
 
 /// Injects faults from `plan` until `deadline`, one at a time.
+/// The longest a committed message may wait for its first delivery: the takeover bound (the
+/// lease), plus the longest fault, plus what a relay needs to notice that a fault healed (one
+/// publish timeout still running, then one retry backoff; see `RelayProc::spawn`).
+pub fn wait_bound(lease: Duration, longest_fault: Duration) -> Duration {
+    lease + longest_fault + procs::publish_timeout(lease) + procs::backoff_max(lease)
+}
+
+/// Injects faults until `deadline`; returns the longest one's duration.
 async fn inject(
     env: &Env,
     plan: &mut FaultPlan,
@@ -849,17 +877,19 @@ async fn inject(
     progress: &Progress,
     deadline: Instant,
     started: Instant,
-) -> Result<()> {
+) -> Result<Duration> {
+    let mut longest = Duration::ZERO;
     loop {
         let now = Instant::now();
         let Some((gap, fault, hold)) = plan.next_fault() else {
             tokio::time::sleep(deadline.saturating_duration_since(now)).await;
-            return Ok(());
+            return Ok(longest);
         };
         if now + gap + hold >= deadline {
             tokio::time::sleep(deadline.saturating_duration_since(now)).await;
-            return Ok(());
+            return Ok(longest);
         }
+        longest = longest.max(hold);
         tokio::time::sleep(gap).await;
         let which = plan.pick(relays.len());
         let target = match fault {

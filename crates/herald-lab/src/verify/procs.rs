@@ -60,6 +60,9 @@ impl RelayProc {
     }
 
     /// (Re)starts the process, aborting at `failpoint` if given.
+    ///
+    /// Relays wait at most [`publish_timeout`] for a confirmation and retry after an outage
+    /// within [`backoff_max`], so they notice a healed fault quickly.
     pub fn spawn(&mut self, failpoint: Option<&str>) -> Result<()> {
         let exe = std::env::current_exe().context("finding the herald binary")?;
         let log = std::fs::OpenOptions::new()
@@ -73,7 +76,14 @@ impl RelayProc {
             .args(["--table", &self.spec.table])
             .args(["--relay-id", &self.id])
             .args(["--lease", &format!("{lease_ms}ms")])
-            .args(["--publish-timeout", &format!("{}ms", lease_ms * 2 / 5)])
+            .args([
+                "--publish-timeout",
+                &format!("{}ms", publish_timeout(self.spec.lease).as_millis()),
+            ])
+            .args([
+                "--backoff-max",
+                &format!("{}ms", backoff_max(self.spec.lease).as_millis()),
+            ])
             .args([
                 "--poll-interval",
                 "20ms",
@@ -229,4 +239,14 @@ impl BrokerProc {
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
+}
+
+/// The publish timeout of verify's relays: two fifths of the lease.
+pub fn publish_timeout(lease: Duration) -> Duration {
+    lease * 2 / 5
+}
+
+/// The longest backoff of verify's relays after an outage: a quarter of the lease.
+pub fn backoff_max(lease: Duration) -> Duration {
+    (lease / 4).max(Duration::from_millis(100))
 }
