@@ -64,7 +64,7 @@ pub struct RelayArgs {
     #[arg(long, env = "HERALD_RELAY_ID")]
     relay_id: Option<String>,
     /// Publish what can be published, then exit: 0 once the outbox is empty, 1 (saying why) if rows
-    /// remain, waiting for a retry or leased by another relay, or if the broker failed every
+    /// remain, waiting for a retry or held by another live relay, or if the broker failed every
     /// publish for 30 s (for batch jobs and tests).
     #[arg(long)]
     until_empty: bool,
@@ -174,8 +174,14 @@ impl OutboxStore for DuringMark {
     async fn relays(&self) -> herald::Result<Vec<herald::RelayStatus>> {
         self.0.relays().await
     }
-    async fn claim(&self, lease: &Lease, max: usize, cap: Duration) -> herald::Result<Claim> {
-        self.0.claim(lease, max, cap).await
+    async fn claim(
+        &self,
+        lease: &Lease,
+        max: usize,
+        cap: Duration,
+        exclude: &[i64],
+    ) -> herald::Result<Claim> {
+        self.0.claim(lease, max, cap, exclude).await
     }
     async fn complete(&self, lease: &Lease, seqs: &[i64]) -> herald::Result<u64> {
         let delay = Duration::from_micros(fastrand::u64(0..1000));
@@ -302,7 +308,7 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
             .map(|s| format!("{}={}", s.destination, s.pending))
             .collect();
         eprintln!(
-            "herald relay --until-empty: {left} rows remain in the outbox ({}): waiting for a retry, held back behind their key, or leased by another relay; `herald status` counts them, each row's last_error says why",
+            "herald relay --until-empty: {left} rows remain in the outbox ({}): waiting for a retry, held back behind their key, or in partitions another live relay holds; `herald status` counts them, each row's last_error says why",
             by_destination.join(" ")
         );
         return Ok(ExitCode::FAILURE);
@@ -316,7 +322,7 @@ const UNTIL_EMPTY_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Ticks until a claim comes back empty and no broker error is pending, or until the broker has
 /// failed every tick for [`UNTIL_EMPTY_PATIENCE`] (then returns its error). Rows waiting for a
-/// retry (or leased by another relay) are not claimable: the caller checks what is left.
+/// retry (or in another relay's partitions) are not read: the caller checks what is left.
 async fn drain(relay: &Relay) -> anyhow::Result<Option<String>> {
     let mut backoff =
         herald::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));

@@ -21,13 +21,13 @@ use crate::config::RelayConfig;
 use crate::error::{Error, Result};
 use crate::membership::{Heartbeat, RelayInfo, Standing, new_incarnation};
 use crate::message::Message;
-use crate::store::{Lease, OutboxStore, RejectionOutcome};
+use crate::store::{Claim, Lease, OutboxStore, RejectionOutcome};
 use crate::transport::Transport;
 
 /// Points in a tick where a test or `herald relay --failpoint` can crash the relay on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failpoint {
-    /// The lease is committed, nothing published.
+    /// The batch is read, nothing published.
     AfterClaim,
     /// The broker confirmed the batch; the rows are not yet marked.
     AfterConfirm,
@@ -140,6 +140,16 @@ struct MemberState {
     /// Partitions read by a batch still running (possibly of an earlier incarnation).
     busy: HashMap<u32, usize>,
     last_beat: Option<tokio::time::Instant>,
+    /// Incremented whenever `held` or `surplus` changes.
+    generation: u64,
+}
+
+/// A batch read ahead by a worker, with its lease and busy partitions.
+struct Ahead<'a> {
+    generation: u64,
+    lease: Lease,
+    busy: Busy<'a>,
+    claim: Claim,
 }
 
 /// Heart-beats in the background while held ([`Relay::keep_alive`]).
@@ -287,6 +297,9 @@ impl Relay {
                 for p in &release {
                     st.held.remove(p);
                 }
+                if !release.is_empty() {
+                    st.generation += 1;
+                }
                 (st.incarnation, !st.joined, release)
             };
             let sent = tokio::time::Instant::now();
@@ -319,7 +332,7 @@ impl Relay {
                 warn!(
                     relay = %cfg.relay_id,
                     incarnation,
-                    "this relay did not heart-beat in time and was taken over; it drops its batches in flight and rejoins"
+                    "this relay's incarnation no longer stands (taken over after missing its heartbeats, or stopped); it drops its batches in flight and rejoins"
                 );
                 self.count(&self.inner.counters.taken_over, 1);
                 m.standing.reincarnate(fresh);
@@ -328,6 +341,7 @@ impl Relay {
                 st.joined = false;
                 st.held.clear();
                 st.surplus.clear();
+                st.generation += 1;
                 continue;
             }
             let gained = {
@@ -336,6 +350,9 @@ impl Relay {
                 st.joined = true;
                 st.partitions = holdings.partitions;
                 st.held = holdings.held.iter().copied().collect();
+                if st.held != before || st.surplus != holdings.surplus {
+                    st.generation += 1;
+                }
                 st.surplus = holdings.surplus.clone();
                 st.last_beat = Some(sent);
                 st.held.difference(&before).count()
@@ -395,6 +412,7 @@ impl Relay {
         let mut st = self.inner.members.lock();
         st.held.clear();
         st.joined = false;
+        st.generation += 1;
         self.inner.members.standing.reincarnate(new_incarnation());
         st.incarnation = self.inner.members.standing.incarnation();
         Ok(())
@@ -427,7 +445,13 @@ impl Relay {
             .held
             .iter()
             .copied()
-            .filter(|p| *p as usize % workers == worker && !st.busy.contains_key(p))
+            // Surplus partitions are not read any more: they go idle and are given up at the
+            // next heartbeat, even under steady traffic.
+            .filter(|p| {
+                *p as usize % workers == worker
+                    && !st.busy.contains_key(p)
+                    && !st.surplus.contains(p)
+            })
             .collect();
         if mine.is_empty() {
             return None;
@@ -466,13 +490,122 @@ impl Relay {
 
     async fn tick_share(&self, worker: usize, workers: usize) -> Result<TickReport> {
         self.heartbeat_if_due().await?;
-        let cfg = &self.inner.config;
-        let store = &self.inner.store;
         let Some((lease, _busy)) = self.take_share(worker, workers) else {
             return Ok(TickReport::default());
         };
+        let claim = self.read(&lease, &[]).await?;
+        Ok(self.deliver(&lease, claim).await?.0)
+    }
+
+    /// One batch's read: the oldest publishable rows of `lease`'s partitions, except `exclude`.
+    async fn read(&self, lease: &Lease, exclude: &[i64]) -> Result<Claim> {
+        let cfg = &self.inner.config;
         let hold_cap = cfg.retry_delay_max + cfg.lease;
-        let claim = store.claim(&lease, cfg.batch_size, hold_cap).await?;
+        self.bounded(
+            "reading outbox rows",
+            self.inner
+                .store
+                .claim(lease, cfg.batch_size, hold_cap, exclude),
+        )
+        .await
+    }
+
+    /// `call` to the store, abandoned after the publish timeout or the lease, whichever is
+    /// longer: a call stuck on a dead connection must not hold its partitions forever (what it
+    /// did not finish is read again).
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let cfg = &self.inner.config;
+        let limit = cfg.publish_timeout.max(cfg.lease);
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                what: what.to_owned(),
+                after: limit,
+            })
+        })
+    }
+
+    /// Like [`tick_share`](Self::tick_share), reading the next batch of the same partitions
+    /// while this one is published (`ahead` carries it to the next call). The read-ahead skips
+    /// this batch's rows, and it is used only if this batch was confirmed in full: otherwise a
+    /// head waits, and the next read starts from the oldest row again, so nothing overtakes it.
+    /// Every read still starts from the oldest pending row, so a transaction that committed
+    /// late with a lower id is read at the next batch. The pipeline stops when the relay's
+    /// partitions changed or some of these are to be given up.
+    async fn tick_pipelined<'a>(
+        &'a self,
+        worker: usize,
+        workers: usize,
+        ahead: &mut Option<Ahead<'a>>,
+    ) -> Result<TickReport> {
+        let current = match ahead.take() {
+            Some(a) if a.generation == self.generation() && a.lease.usable() => a,
+            _ => {
+                self.heartbeat_if_due().await?;
+                let Some((lease, busy)) = self.take_share(worker, workers) else {
+                    return Ok(TickReport::default());
+                };
+                let claim = self.read(&lease, &[]).await?;
+                Ahead {
+                    generation: self.generation(),
+                    lease,
+                    busy,
+                    claim,
+                }
+            }
+        };
+        if current.claim.rows.is_empty() && current.claim.parked == 0 {
+            return Ok(TickReport::default());
+        }
+        let Ahead {
+            generation,
+            lease,
+            busy,
+            claim,
+        } = current;
+        let ids: Vec<i64> = claim.rows.iter().map(|r| r.seq).collect();
+        let go_on = !ids.is_empty() && !self.giving_up(&busy.partitions);
+        let (delivered, next) = tokio::join!(self.deliver(&lease, claim), async {
+            if go_on {
+                Some(self.read(&lease, &ids).await)
+            } else {
+                None
+            }
+        });
+        let (report, blocked) = delivered?;
+        if let Some(Ok(next)) = next
+            && report.broker_error.is_none()
+            && blocked.is_empty()
+        {
+            *ahead = Some(Ahead {
+                generation,
+                lease,
+                busy,
+                claim: next,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Counts changes of the partitions held, so a read-ahead knows its share is still current.
+    fn generation(&self) -> u64 {
+        self.inner.members.lock().generation
+    }
+
+    /// Whether any of `partitions` is to be given up at the next heartbeat.
+    fn giving_up(&self, partitions: &[u32]) -> bool {
+        let st = self.inner.members.lock();
+        partitions.iter().any(|p| st.surplus.contains(p))
+    }
+
+    /// Publishes and marks a batch that was read (see [`tick`](Self::tick)); returns what it
+    /// did and the keys that are blocked: a row of theirs was not confirmed, so no later row of
+    /// theirs may be published before it is.
+    async fn deliver(&self, lease: &Lease, claim: Claim) -> Result<(TickReport, HashSet<String>)> {
+        let store = &self.inner.store;
         let mut report = TickReport {
             claimed: claim.rows.len() + claim.parked,
             dead_lettered: claim.parked,
@@ -480,7 +613,7 @@ impl Relay {
         };
         self.count(&self.inner.counters.dead_lettered, claim.parked);
         if claim.rows.is_empty() {
-            return Ok(report);
+            return Ok((report, HashSet::new()));
         }
         debug!(
             token = lease.token,
@@ -501,12 +634,12 @@ impl Relay {
                     // A lost lease here means this row vanished (deleted by hand) or the
                     // relay was taken over, which is checked before anything is published.
                     // On a database error the batch stays in the outbox (nothing is leased).
-                    self.reject(&lease, &row, &reason, 1, &mut report).await?;
+                    self.reject(lease, &row, &reason, 1, &mut report).await?;
                 }
             }
         }
         if rows.is_empty() {
-            return Ok(report);
+            return Ok((report, HashSet::new()));
         }
 
         // A relay that was paused (GC, SIGSTOP, a slow disk) or cut off from the database may
@@ -518,10 +651,14 @@ impl Relay {
                 rows = rows.len(),
                 "no heartbeat in time to publish this batch; dropping it (its rows stay in the outbox)"
             );
-            return Ok(self.lease_lost(report, lease.token, rows.len()));
+            let keys = rows
+                .iter()
+                .filter_map(|r| r.message.ordering_key.clone())
+                .collect();
+            return Ok((self.lease_lost(report, lease.token, rows.len()), keys));
         }
 
-        let results = self.publish_in_waves(&rows, &lease).await;
+        let results = self.publish_in_waves(&rows, lease).await;
         self.hit(Failpoint::AfterConfirm);
 
         // Walk the batch in order. A key is blocked from its first row that is not confirmed
@@ -567,7 +704,7 @@ impl Relay {
                     };
                     let reason = e.chain();
                     match self
-                        .reject(&lease, row, &reason, attempts, &mut report)
+                        .reject(lease, row, &reason, attempts, &mut report)
                         .await
                     {
                         // A dead letter leaves the key's order; a row waiting for its retry
@@ -587,7 +724,9 @@ impl Relay {
         }
 
         if !confirmed.is_empty() {
-            let marked = store.complete(&lease, &confirmed).await? as usize;
+            let marked = self
+                .bounded("marking outbox rows", store.complete(lease, &confirmed))
+                .await? as usize;
             report.published += marked;
             if marked < confirmed.len() {
                 // Another relay took these rows over: it will publish them again (a duplicate).
@@ -614,7 +753,9 @@ impl Relay {
             if seqs.is_empty() {
                 continue;
             }
-            let released = store.release(&lease, seqs, reason).await? as usize;
+            let released = self
+                .bounded("releasing outbox rows", store.release(lease, seqs, reason))
+                .await? as usize;
             report.released += released;
             self.count(&self.inner.counters.released, released);
             if released < seqs.len() {
@@ -627,7 +768,7 @@ impl Relay {
         self.count(&self.inner.counters.published, report.published);
         match failure {
             Some(e) => Err(e),
-            None => Ok(report),
+            None => Ok((report, blocked.into_iter().map(str::to_owned).collect())),
         }
     }
 
@@ -773,9 +914,12 @@ impl Relay {
         let retry_after = self.inner.config.retry_delay(row.attempts);
         let seq = row.seq;
         let outcome = self
-            .inner
-            .store
-            .record_rejection(lease, seq, reason, max_attempts, retry_after)
+            .bounded(
+                "recording a rejection",
+                self.inner
+                    .store
+                    .record_rejection(lease, seq, reason, max_attempts, retry_after),
+            )
             .await?;
         match outcome {
             RejectionOutcome::WillRetry => {
@@ -940,6 +1084,7 @@ impl Relay {
         let cfg = &self.inner.config;
         let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
         let mut idle = Duration::from_millis(1);
+        let mut ahead = None;
         info!(worker, relay = %cfg.relay_id, "relay worker started");
         loop {
             if *stop.borrow() {
@@ -948,7 +1093,7 @@ impl Relay {
             }
             // After an outage the wait is a backoff that a wake-up must not cut short; when idle
             // a wake-up (a commit in this process) ends the wait at once.
-            let (wait, wakeable) = match self.tick_share(worker, workers).await {
+            let (wait, wakeable) = match self.tick_pipelined(worker, workers, &mut ahead).await {
                 Ok(report) if report.broker_error.is_some() => {
                     let delay = backoff.next_delay();
                     warn!(

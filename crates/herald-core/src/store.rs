@@ -133,8 +133,15 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Reads up to `max` publishable rows of `lease`'s partitions, oldest first: rows not waiting
     /// out a retry delay, whose key has no row waiting out one (head of key). Writes nothing but
     /// the dead-letter move of rows that cannot be decoded. `hold_cap` bounds a retry delay: a
-    /// `lease_until` further ahead was not written by a relay and is ignored.
-    async fn claim(&self, lease: &Lease, max: usize, hold_cap: Duration) -> Result<Claim>;
+    /// `lease_until` further ahead was not written by a relay and is ignored. Rows in `exclude`
+    /// (a batch still in flight, when the relay reads ahead) are skipped.
+    async fn claim(
+        &self,
+        lease: &Lease,
+        max: usize,
+        hold_cap: Duration,
+        exclude: &[i64],
+    ) -> Result<Claim>;
 
     /// Marks rows published (deletes them) unless `lease`'s incarnation was taken over. Returns
     /// the number of rows touched; fewer than `seqs.len()` means the rest are not this relay's

@@ -31,7 +31,6 @@ impl Dialect for MySqlDialect {
     /// dead-lettering at once deadlock under REPEATABLE READ.
     const BEFORE_WRITE_TX: Option<&'static str> =
         Some("SET TRANSACTION ISOLATION LEVEL READ COMMITTED");
-    const FOR_SHARE: &'static str = " LOCK IN SHARE MODE";
 
     fn quote(ident: &Identifier) -> String {
         format!("`{ident}`")

@@ -64,6 +64,13 @@ impl Dialect for PgDialect {
         "now()".to_owned()
     }
 
+    fn bound_waits(ms: u64) -> Option<String> {
+        Some(format!(
+            "SELECT set_config('lock_timeout', '{ms}ms', true), \
+             set_config('idle_in_transaction_session_timeout', '{ms}ms', true)"
+        ))
+    }
+
     fn partition_of(n: u32) -> Option<String> {
         Some(format!(
             "((CASE WHEN o.ordering_key IS NULL THEN o.id ELSE hashtext(o.ordering_key) END) & 2147483647) % {n}"

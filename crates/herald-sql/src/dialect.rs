@@ -50,8 +50,13 @@ pub trait Dialect: Sized + Send + Sync + 'static {
     /// transaction itself is exclusive).
     const FOR_UPDATE: &'static str = " FOR UPDATE";
 
-    /// The suffix of a `SELECT` that locks the rows it reads against updates by others.
-    const FOR_SHARE: &'static str = " FOR SHARE";
+    /// A statement that bounds, for the rest of the transaction, how long it waits for a lock
+    /// and how long it may sit idle (`ms` milliseconds), if the database can: a relay paused
+    /// inside a takeover must not hold the others up for longer.
+    fn bound_waits(ms: u64) -> Option<String> {
+        let _ = ms;
+        None
+    }
 
     /// A quoted identifier.
     fn quote(ident: &Identifier) -> String {

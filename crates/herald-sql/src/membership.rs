@@ -193,10 +193,20 @@ async fn state<D: Dialect>(
         });
         live = u32::try_from(get("live_relays")?).unwrap_or(u32::MAX);
     }
-    if parts.is_empty() {
+    // Every relay must hash keys the same way: exactly the partitions 0..n-1.
+    if parts.is_empty()
+        || parts
+            .iter()
+            .enumerate()
+            .any(|(i, p)| p.partition as usize != i)
+    {
         return Err(Error::Schema {
             table: "partitions".to_owned(),
-            detail: "the outbox has no partitions: run `herald migrate`".to_owned(),
+            detail: format!(
+                "the partitions table must hold exactly the parts 0 to n-1 (it holds {} rows that are not); \
+                 restore the rows migration 2 inserted (16 on PostgreSQL and MySQL, one on SQLite)",
+                parts.len()
+            ),
         });
     }
     Ok((parts, live))
@@ -253,8 +263,51 @@ pub(crate) async fn heartbeat<D: Dialect>(
     let (mut parts, mut live) = state::<D>(sql, &mut conn).await?;
     let mut took_over = Vec::new();
     if !plan(me, &parts, live).acquire.is_empty() {
+        // The renewal stands even if taking partitions fails (a lock held by a relay paused
+        // inside its own takeover): report what is held, try again next time.
+        match take::<D>(sql, &mut conn, me, beat.ttl, &mut took_over).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(
+                error = %e.chain(),
+                "could not take partitions this heartbeat; trying again at the next"
+            ),
+        }
+        (parts, live) = state::<D>(sql, &mut conn).await?;
+    }
+    let p = plan(me, &parts, live);
+    Ok(Holdings {
+        alive: true,
+        partitions: parts.len() as u32,
+        held: parts
+            .iter()
+            .filter(|p| p.owner == Some(me))
+            .map(|p| p.partition)
+            .collect(),
+        surplus: p.surplus,
+        live_relays: live,
+        took_over,
+    })
+}
+
+/// Takes free partitions and those of silent relays, up to the fair share, in one locked
+/// transaction.
+async fn take<D: Dialect>(
+    sql: &MemberSql,
+    conn: &mut Conn<D>,
+    me: i64,
+    ttl: std::time::Duration,
+    took_over: &mut Vec<Takeover>,
+) -> Result<()> {
+    {
         let what = "taking partitions";
-        let mut tx = SqlOutbox::<D>::begin_locking(&mut conn, what).await?;
+        let mut tx = SqlOutbox::<D>::begin_locking(conn, what).await?;
+        let wait_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(50);
+        if let Some(bound) = D::bound_waits(wait_ms) {
+            Stmt::<D::DB>::new(&bound)
+                .execute(&mut tx)
+                .await
+                .map_err(|e| db::<D>("bounding lock waits", e))?;
+        }
         Stmt::<D::DB>::new(&sql.lock)
             .fetch_all(&mut tx)
             .await
@@ -303,21 +356,8 @@ pub(crate) async fn heartbeat<D: Dialect>(
                 .map_err(|e| db::<D>(what, e))?;
         }
         tx.commit().await.map_err(|e| db::<D>(what, e))?;
-        (parts, live) = state::<D>(sql, &mut conn).await?;
     }
-    let p = plan(me, &parts, live);
-    Ok(Holdings {
-        alive: true,
-        partitions: parts.len() as u32,
-        held: parts
-            .iter()
-            .filter(|p| p.owner == Some(me))
-            .map(|p| p.partition)
-            .collect(),
-        surplus: p.surplus,
-        live_relays: live,
-        took_over,
-    })
+    Ok(())
 }
 
 pub(crate) async fn leave<D: Dialect>(outbox: &SqlOutbox<D>, incarnation: i64) -> Result<()> {

@@ -95,11 +95,11 @@ impl<D: Dialect> SqlOutbox<D> {
             read_head,
             read_tail: " ORDER BY o.id LIMIT ?".to_owned(),
             columns,
-            fence_check: r(format!("{}{}", members.fence_select(), D::FOR_SHARE)),
+            fence_check: r(members.fence_select()),
             complete_head: D::complete_head(&t, &fence),
             release_head: D::release_head(&t, &fence),
             reject: r(format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, lease_until = {until} WHERE id = ?",
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?, lease_until = {until} WHERE id = ? AND {fence}",
                 until = D::now_plus_micros("?"),
             )),
             attempts: r(format!("SELECT attempts FROM {t} WHERE id = ?")),
@@ -178,8 +178,8 @@ impl<D: Dialect> SqlOutbox<D> {
         Ok((good, bad))
     }
 
-    /// Whether incarnation `token` still stands (not taken over, not stopped), locking its row
-    /// against a takeover until `conn`'s transaction ends.
+    /// Whether incarnation `token` still stands (not taken over, not stopped). It takes no lock:
+    /// a relay paused inside a transaction must not hold up another relay's takeover.
     pub async fn still_holds(&self, conn: &mut Conn<D>, token: i64) -> Result<bool> {
         let row = Stmt::<D::DB>::new(&self.sql.fence_check)
             .int(token)
@@ -269,7 +269,12 @@ impl<D: Dialect> SqlOutbox<D> {
     }
 
     /// The read of [`OutboxStore::claim`] for `lease`'s partitions.
-    fn read_sql(&self, lease: &Lease) -> Option<String> {
+    fn read_sql(&self, lease: &Lease, excluded: usize) -> Option<String> {
+        let skip = if excluded == 0 {
+            String::new()
+        } else {
+            format!(" AND NOT ({})", D::id_in("o.id", excluded))
+        };
         let parts = match &lease.partitions {
             None => String::new(),
             Some(p) => {
@@ -280,7 +285,7 @@ impl<D: Dialect> SqlOutbox<D> {
             }
         };
         Some(D::render(&format!(
-            "{}{parts}{}",
+            "{}{skip}{parts}{}",
             self.sql.read_head, self.sql.read_tail
         )))
     }
@@ -355,12 +360,18 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
         crate::membership::relays(self).await
     }
 
-    async fn claim(&self, lease: &Lease, max: usize, hold_cap: Duration) -> Result<Claim> {
+    async fn claim(
+        &self,
+        lease: &Lease,
+        max: usize,
+        hold_cap: Duration,
+        exclude: &[i64],
+    ) -> Result<Claim> {
         let what = "reading outbox rows";
         if lease.partitions.as_ref().is_some_and(Vec::is_empty) {
             return Ok(Claim::default());
         }
-        let Some(sql) = self.read_sql(lease) else {
+        let Some(sql) = self.read_sql(lease, exclude.len()) else {
             return Err(Error::config(format!(
                 "{} has one partition, but the relay asked for some of several",
                 D::NAME
@@ -368,9 +379,11 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
         };
         let cap = i64::try_from(hold_cap.as_micros()).unwrap_or(i64::MAX);
         let mut conn = self.pool.acquire().await.map_err(|e| db::<D>(what, e))?;
-        let rows = Stmt::<D::DB>::new(&sql)
-            .int(cap)
-            .int(cap)
+        let mut stmt = Stmt::<D::DB>::new(&sql).int(cap).int(cap);
+        if !exclude.is_empty() {
+            stmt = D::bind_ids(stmt, exclude);
+        }
+        let rows = stmt
             .int(i64::try_from(max).unwrap_or(i64::MAX))
             .fetch_all(&mut conn)
             .await
@@ -421,14 +434,12 @@ impl<D: Dialect> OutboxStore for SqlOutbox<D> {
         let what = "recording a rejection";
         let mut conn = self.pool.acquire().await.map_err(|e| db::<D>(what, e))?;
         let mut tx = Self::begin(&mut conn, what).await?;
-        if !self.still_holds(&mut tx, lease.token).await? {
-            return Ok(RejectionOutcome::LeaseLost);
-        }
         let delay = i64::try_from(retry_after.as_micros()).unwrap_or(i64::MAX);
         let touched = Stmt::<D::DB>::new(&self.sql.reject)
             .text(reason)
             .int(delay)
             .int(seq)
+            .int(lease.token)
             .execute(&mut tx)
             .await
             .map_err(|e| db::<D>(what, e))?;

@@ -22,7 +22,6 @@ impl Dialect for SqliteDialect {
     const MIGRATION_BEGIN: &'static str = "BEGIN IMMEDIATE";
     const LOCKING_BEGIN: Option<&'static str> = Some("BEGIN IMMEDIATE");
     const FOR_UPDATE: &'static str = "";
-    const FOR_SHARE: &'static str = "";
 
     /// Lost connections, pool timeouts and busy or locked databases (`SQLITE_BUSY`,
     /// `SQLITE_LOCKED` and their extended codes).

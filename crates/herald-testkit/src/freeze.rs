@@ -59,9 +59,15 @@ impl OutboxStore for Freezable {
         self.wait().await;
         self.inner.leave(incarnation).await
     }
-    async fn claim(&self, lease: &Lease, max: usize, cap: Duration) -> Result<Claim> {
+    async fn claim(
+        &self,
+        lease: &Lease,
+        max: usize,
+        cap: Duration,
+        exclude: &[i64],
+    ) -> Result<Claim> {
         self.wait().await;
-        let claim = self.inner.claim(lease, max, cap).await?;
+        let claim = self.inner.claim(lease, max, cap, exclude).await?;
         if !claim.rows.is_empty() && self.armed.swap(false, Ordering::SeqCst) {
             self.frozen.send_replace(true);
         }

@@ -260,7 +260,13 @@ impl OutboxStore for MemoryStore {
             .collect())
     }
 
-    async fn claim(&self, lease: &Lease, max: usize, hold_cap: Duration) -> Result<Claim> {
+    async fn claim(
+        &self,
+        lease: &Lease,
+        max: usize,
+        hold_cap: Duration,
+        exclude: &[i64],
+    ) -> Result<Claim> {
         let now = Instant::now();
         let held = |r: &Row| r.until.is_some_and(|u| u >= now && u <= now + hold_cap);
         let rows = self.rows.lock().expect("store lock");
@@ -280,7 +286,7 @@ impl OutboxStore for MemoryStore {
         };
         let claimed = rows
             .iter()
-            .filter(|r| !held(r) && mine(r))
+            .filter(|r| !held(r) && mine(r) && !exclude.contains(&r.seq))
             .filter(|r| {
                 r.message
                     .ordering_key

@@ -224,8 +224,8 @@ pub async fn one_owner_per_partition(h: &dyn StoreHarness) -> Result<()> {
         "{held_a:?} {held_b:?}"
     );
     assert!(held_a.held.iter().all(|p| !held_b.held.contains(p)));
-    let read_a = s1.claim(&lease_for(a, &held_a), 100, CAP).await?;
-    let read_b = s2.claim(&lease_for(b, &held_b), 100, CAP).await?;
+    let read_a = s1.claim(&lease_for(a, &held_a), 100, CAP, &[]).await?;
+    let read_b = s2.claim(&lease_for(b, &held_b), 100, CAP, &[]).await?;
     assert_eq!(
         read_a.rows.len() + read_b.rows.len(),
         24,
@@ -256,7 +256,7 @@ pub async fn one_owner_per_partition(h: &dyn StoreHarness) -> Result<()> {
         .record_rejection(&lease, head.seq, "no queue yet", 5, Duration::from_secs(30))
         .await?;
     assert_eq!(outcome, RejectionOutcome::WillRetry);
-    let again = owner.claim(&lease, 100, CAP).await?;
+    let again = owner.claim(&lease, 100, CAP, &[]).await?;
     assert!(
         again
             .rows
@@ -277,14 +277,16 @@ pub async fn silent_relay_is_taken_over_and_fenced(h: &dyn StoreHarness) -> Resu
     let (zombie, successor) = (h.store().await, h.store().await);
     let (z, held_z) = join(&*zombie, Duration::from_millis(1)).await?;
     let stale_lease = lease_for(z, &held_z);
-    let stale = zombie.claim(&stale_lease, 10, CAP).await?;
+    let stale = zombie.claim(&stale_lease, 10, CAP, &[]).await?;
     assert_eq!(stale.rows.len(), 1);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (s, held_s) = join(&*successor, Duration::from_secs(30)).await?;
     assert_eq!(held_s.held.len() as u32, held_s.partitions, "{held_s:?}");
     assert_eq!(held_s.took_over.len(), 1, "{held_s:?}");
     assert_eq!(held_s.took_over[0].incarnation, z);
-    let fresh = successor.claim(&lease_for(s, &held_s), 10, CAP).await?;
+    let fresh = successor
+        .claim(&lease_for(s, &held_s), 10, CAP, &[])
+        .await?;
     assert_eq!(
         fresh.rows.len(),
         1,
@@ -373,13 +375,13 @@ pub async fn released_rows_are_claimable_again(h: &dyn StoreHarness) -> Result<(
     let s = h.store().await;
     let (r, held) = join(&*s, Duration::from_secs(30)).await?;
     let lease = lease_for(r, &held);
-    let c = s.claim(&lease, 10, CAP).await?;
+    let c = s.claim(&lease, 10, CAP, &[]).await?;
     assert_eq!(
         s.release(&lease, &[c.rows[0].seq], "broker unavailable")
             .await?,
         1
     );
-    let again = s.claim(&lease, 10, CAP).await?;
+    let again = s.claim(&lease, 10, CAP, &[]).await?;
     assert_eq!(again.rows.len(), 1);
     assert_eq!(
         again.rows[0].attempts, 0,

@@ -259,6 +259,8 @@ async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) ->
     let _ = stop_tx.send(true);
     runner.await??;
     let peak = peak_rss();
+    // Backends flush their statistics at most once a second once idle: wait for the relay's.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = env.db.pg_counters().await?;
     // Later scenarios should not inherit the drain's dead rows.
     if let Database::Postgres(p) = &env.db.db {

@@ -223,6 +223,16 @@ async fn run_all(
                 );
             }
         }
+        if r.wait_bound.is_none() && r.mode.uses_relay() {
+            println!(
+                "{}: commit to first delivery p50 {:.2}s p99 {:.2}s max {:.2}s over {} messages; no bound: the broker process itself was killed or paused",
+                r.mode.name(),
+                v.waits.p50.as_secs_f64(),
+                v.waits.p99.as_secs_f64(),
+                v.waits.max.as_secs_f64(),
+                v.waits.count,
+            );
+        }
         if let Some(bound) = r.wait_bound {
             println!(
                 "{}: commit to first delivery p50 {:.2}s p99 {:.2}s max {:.2}s over {} messages; bound {:.2}s (lease {:?} + longest fault + publish timeout + backoff){}",
@@ -512,6 +522,8 @@ async fn open_env(args: &VerifyArgs, run: &str, tmp: &std::path::Path) -> Result
 /// Counters shown in the progress line.
 #[derive(Default)]
 struct Progress {
+    /// Whether the broker process was killed or paused in this run.
+    broker_down: AtomicBool,
     committed: AtomicU64,
     faults: AtomicU64,
 }
@@ -952,6 +964,7 @@ async fn inject(
                 }
             }
             Fault::KillBroker => {
+                progress.broker_down.store(true, Ordering::Relaxed);
                 if let Some(b) = &env.broker_proc {
                     b.lock().await.kill().await;
                     tokio::time::sleep(hold).await;
@@ -959,6 +972,7 @@ async fn inject(
                 }
             }
             Fault::PauseBroker => {
+                progress.broker_down.store(true, Ordering::Relaxed);
                 if let Some(b) = &env.broker_proc {
                     b.lock().await.signal("STOP").await;
                     tokio::time::sleep(hold).await;
