@@ -431,7 +431,11 @@ pub(crate) async fn relays<D: Dialect>(outbox: &SqlOutbox<D>) -> Result<Vec<Rela
             started_at: time("started_at"),
             heartbeat_at: time("heartbeat_at"),
             state,
-            partitions: held.remove(&incarnation).unwrap_or_default(),
+            partitions: {
+                let mut p = held.remove(&incarnation).unwrap_or_default();
+                p.sort_unstable();
+                p
+            },
         });
     }
     out.sort_by_key(|s| s.started_at);

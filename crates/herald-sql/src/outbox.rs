@@ -22,6 +22,9 @@ use crate::membership::MemberSql;
 type Conn<D> = <<D as Dialect>::DB as sqlx::Database>::Connection;
 type DbRow<D> = <<D as Dialect>::DB as sqlx::Database>::Row;
 
+/// An outbox row that cannot be decoded: its id and the reason.
+pub type Undecodable = (i64, String);
+
 /// The outbox of a database, as the relay sees it: heartbeats, reads, marks, releases,
 /// rejections, dead letters and statistics.
 pub struct SqlOutbox<D: Dialect> {
@@ -159,7 +162,7 @@ impl<D: Dialect> SqlOutbox<D> {
 
     /// Decodes rows selected with [`claim_columns`](Self::claim_columns): the rows, and the
     /// id and reason of each that cannot be decoded (for the dead letters).
-    pub fn decode_rows(rows: &[DbRow<D>]) -> Result<(Vec<OutboxRow>, Vec<(i64, String)>)> {
+    pub fn decode_rows(rows: &[DbRow<D>]) -> Result<(Vec<OutboxRow>, Vec<Undecodable>)> {
         let mut good = Vec::with_capacity(rows.len());
         let mut bad = Vec::new();
         for r in rows {
