@@ -9,18 +9,8 @@ use crate::MySqlDialect;
 /// The first migration's SQL, with the default table name `herald_outbox`.
 pub const MIGRATION: &str = include_str!("../migrations/0001_herald.sql");
 
-pub(crate) const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        description: "outbox, dead letters, inbox, consumer dead letters",
-        sql: MIGRATION,
-    },
-    Migration {
-        version: 2,
-        description: "relays and partitions (heartbeats, takeover)",
-        sql: include_str!("../migrations/0002_partitions.sql"),
-    },
-];
+pub(crate) const MIGRATIONS: &[Migration] =
+    &herald_sql::migrate_versions(MIGRATION, include_str!("../migrations/0002_partitions.sql"));
 
 /// Creates or upgrades the outbox (named `table`), its dead-letter table (`<table>_dead_letter`),
 /// the inbox (`<table>_inbox`, `<table>_inbox_version`) and the consumers' dead letters

@@ -23,6 +23,6 @@ pub use dead_letters::{DeadLetterAdmin, DeadLetters};
 pub use dialect::{Dialect, VersionCheck};
 pub use error::{db, handler_error, is_connection_error};
 pub use inbox::Inbox;
-pub use migrate::{Migration, migrate};
+pub use migrate::{Migration, migrate, versions as migrate_versions};
 pub use outbox::SqlOutbox;
 pub use writer::{OutboxWriter, Park};

@@ -34,6 +34,23 @@ impl Migration {
     }
 }
 
+/// The versions every database has, in order, from each version's SQL file: the descriptions
+/// live here once, the SQL in each backend crate's `migrations/` directory.
+pub const fn versions(v1: &'static str, v2: &'static str) -> [Migration; 2] {
+    [
+        Migration {
+            version: 1,
+            description: "outbox, dead letters, inbox, consumer dead letters",
+            sql: v1,
+        },
+        Migration {
+            version: 2,
+            description: "relays and partitions (heartbeats, takeover)",
+            sql: v2,
+        },
+    ]
+}
+
 fn only_comments(s: &str) -> bool {
     s.lines()
         .all(|l| l.trim().is_empty() || l.trim().starts_with("--"))

@@ -649,32 +649,75 @@ fn first_deliveries_in_order(published: &[Message], expected: usize) -> usize {
     published.len() - expected
 }
 
+type Running = (
+    tokio::task::JoinHandle<Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+/// Two relays with a short lease over one broker: `a` (on `first`) runs and holds every
+/// partition, then `b` (on `second`) runs beside it.
+struct Pair {
+    lease: Duration,
+    broker: MemoryTransport,
+    a: Relay,
+    b: Relay,
+    run_a: tokio::task::JoinHandle<Result<()>>,
+    stop_a: tokio::sync::oneshot::Sender<()>,
+    run_b: tokio::task::JoinHandle<Result<()>>,
+    stop_b: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Pair {
+    async fn start(first: Arc<dyn OutboxStore>, second: Arc<dyn OutboxStore>) -> Result<Pair> {
+        let lease = Duration::from_millis(800);
+        let conf = |id| RelayConfig {
+            lease,
+            poll_interval: Duration::from_millis(10),
+            ..cfg(id)
+        };
+        let broker = MemoryTransport::new();
+        let a = Relay::new(first, Arc::new(broker.clone()), conf("first"))?;
+        let b = Relay::new(second, Arc::new(broker.clone()), conf("survivor"))?;
+        let (run_a, stop_a): Running = spawn_run(&a);
+        wait_until(
+            "the first relay holding everything",
+            Duration::from_secs(10),
+            || {
+                let (_, held, of) = a.holdings();
+                of > 0 && held.len() == of as usize
+            },
+        )
+        .await;
+        let (run_b, stop_b) = spawn_run(&b);
+        Ok(Pair {
+            lease,
+            broker,
+            a,
+            b,
+            run_a,
+            stop_a,
+            run_b,
+            stop_b,
+        })
+    }
+}
+
 /// A relay frozen between reading a batch and publishing it (SIGSTOP, a long GC pause) for
 /// longer than the lease: another relay takes its partitions within the lease and publishes the
 /// batch; when the frozen one wakes it publishes nothing of its stale batch, its marks are
 /// refused, and it rejoins.
 pub async fn a_paused_relay_is_fenced_when_it_wakes(h: &dyn StoreHarness) -> Result<()> {
-    let lease = Duration::from_millis(800);
-    let conf = |id| RelayConfig {
-        lease,
-        poll_interval: Duration::from_millis(10),
-        ..cfg(id)
-    };
-    let broker = MemoryTransport::new();
     let frozen = crate::Freezable::new(h.store().await);
-    let a = Relay::new(frozen.clone(), Arc::new(broker.clone()), conf("paused"))?;
-    let b = Relay::new(h.store().await, Arc::new(broker.clone()), conf("survivor"))?;
-    let (run_a, stop_a) = spawn_run(&a);
-    wait_until(
-        "the first relay holding everything",
-        Duration::from_secs(10),
-        || {
-            let (_, held, of) = a.holdings();
-            of > 0 && held.len() == of as usize
-        },
-    )
-    .await;
-    let (run_b, stop_b) = spawn_run(&b);
+    let Pair {
+        lease,
+        broker,
+        a,
+        b,
+        run_a,
+        stop_a,
+        run_b,
+        stop_b,
+    } = Pair::start(frozen.clone(), h.store().await).await?;
     frozen.freeze_after_next_read();
     let batch: Vec<_> = (0..6u8)
         .map(|i| Message::event("t", "E", vec![i]).with_key("k"))
@@ -750,26 +793,16 @@ pub async fn a_relay_cut_off_from_the_database_is_taken_over(h: &dyn StoreHarnes
     let Some(cut) = h.store_at(proxy.addr()).await else {
         return Ok(());
     };
-    let lease = Duration::from_millis(800);
-    let conf = |id| RelayConfig {
+    let Pair {
         lease,
-        poll_interval: Duration::from_millis(10),
-        ..cfg(id)
-    };
-    let broker = MemoryTransport::new();
-    let a = Relay::new(cut, Arc::new(broker.clone()), conf("cut"))?;
-    let b = Relay::new(h.store().await, Arc::new(broker.clone()), conf("survivor"))?;
-    let (run_a, stop_a) = spawn_run(&a);
-    wait_until(
-        "the first relay holding everything",
-        Duration::from_secs(10),
-        || {
-            let (_, held, of) = a.holdings();
-            of > 0 && held.len() == of as usize
-        },
-    )
-    .await;
-    let (run_b, stop_b) = spawn_run(&b);
+        broker,
+        a,
+        b,
+        run_a,
+        stop_a,
+        run_b,
+        stop_b,
+    } = Pair::start(cut, h.store().await).await?;
     let first: Vec<_> = (0..5u8)
         .map(|i| Message::event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
         .collect();
