@@ -716,7 +716,10 @@ async fn run_mode_in(
             verdict,
             faults: progress.faults.load(Ordering::Relaxed) as usize,
             drained_in,
-            wait_bound: mode.uses_relay().then(|| wait_bound(args.lease, longest)),
+            // A killed or paused broker's recovery (its restart, its clients' reconnects) is not
+            // the relay's to bound: such runs report their waits without a bound.
+            wait_bound: (mode.uses_relay() && !progress.broker_down.load(Ordering::Relaxed))
+                .then(|| wait_bound(args.lease, longest)),
         },
         aborts,
     ))
