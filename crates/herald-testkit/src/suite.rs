@@ -521,19 +521,8 @@ pub async fn two_relays_keep_order_per_key(h: &dyn StoreHarness) -> Result<()> {
     };
     let r1 = Relay::new(h.store().await, transport.clone(), small("r1"))?;
     let r2 = Relay::new(h.store().await, transport, small("r2"))?;
-    let run = |r: &Relay| {
-        let r = r.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            r.run(async move {
-                let _ = rx.await;
-            })
-            .await
-        });
-        (task, tx)
-    };
-    let (t1, _keep) = run(&r1);
-    let (t2, stop2) = run(&r2);
+    let (t1, _keep) = spawn_run(&r1);
+    let (t2, stop2) = spawn_run(&r2);
     let distinct = |b: &MemoryTransport| {
         b.published()
             .iter()
@@ -573,26 +562,11 @@ pub async fn two_relays_keep_order_per_key(h: &dyn StoreHarness) -> Result<()> {
     let _ = stop2.send(());
     t2.await.expect("relay task")?;
     let published = broker.published();
-    let mut first: std::collections::HashSet<uuid::Uuid> = std::collections::HashSet::new();
-    let mut last: HashMap<String, u8> = HashMap::new();
-    for m in &published {
-        if !first.insert(m.id) {
-            continue; // a duplicate of the killed relay's batch in flight
-        }
-        let key = m.ordering_key.clone().unwrap_or_default();
-        let seq = m.payload[0];
-        if let Some(prev) = last.insert(key.clone(), seq) {
-            assert!(
-                seq > prev,
-                "key {key} first delivered out of order: {seq} after {prev}"
-            );
-        }
-    }
-    assert_eq!(first.len(), expected, "no message lost");
+    // Duplicates: the killed relay's batch in flight.
+    let dups = first_deliveries_in_order(&published, expected);
     assert!(
-        published.len() - expected <= 3,
-        "at most the killed relay's batch in flight is published twice, got {} duplicates",
-        published.len() - expected
+        dups <= 3,
+        "at most the killed relay's batch in flight is published twice, got {dups} duplicates"
     );
     Ok(())
 }
