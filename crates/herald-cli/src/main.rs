@@ -75,8 +75,48 @@ pub struct DbArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.command, cli.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    // Telemetry is set up inside the runtime: the gRPC exporter needs it.
+    #[cfg(feature = "lab")]
+    let sink = match &cli.command {
+        Command::Bench(args) if !args.skips("telemetry") => {
+            match runtime.block_on(herald_telemetry::sink::Sink::start()) {
+                Ok(sink) => Some(sink),
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot start the local OTLP sink for the telemetry scenario: {e}"
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        let builder = herald_telemetry::Telemetry::builder()
+            .format(match cli.log_format {
+                LogFormat::Text => herald_telemetry::LogFormat::Text,
+                LogFormat::Json => herald_telemetry::LogFormat::Json,
+            })
+            .default_filter(default_filter(&cli.command));
+        // The bench measures spans off, then on (exported to its own sink).
+        #[cfg(feature = "lab")]
+        let builder = match &sink {
+            Some(sink) => builder.spans_off().otlp(Some(herald_telemetry::OtlpConfig {
+                endpoint: sink.grpc_endpoint(),
+                protocol: herald_telemetry::Protocol::Grpc,
+            })),
+            None => builder,
+        };
+        match builder.init() {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Migrate(args) => migrate(args).await,
@@ -87,11 +127,19 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
             #[cfg(feature = "lab")]
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => {
+                let observed = sink.as_ref().map(|sink| bench::Observed {
+                    telemetry: &telemetry,
+                    sink,
+                });
+                bench::run(args, observed).await
+            }
             #[cfg(feature = "lab")]
             Command::Verify(args) => verify::run(args).await,
         }
     });
+    // The last spans go out before the runtime (which the gRPC exporter runs on) stops.
+    telemetry.shutdown();
     // Do not wait for stray background tasks (a consumer blocked on a socket) on the way out.
     runtime.shutdown_timeout(Duration::from_secs(1));
     match outcome {
@@ -109,64 +157,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Client crates whose logs can hold what herald must never log: lapin logs a returned message
-/// with its headers and body at WARN and every frame (the PLAIN login with its password) at
-/// TRACE; the others log frames, statements or connection strings at DEBUG and TRACE. herald
-/// reports their errors itself, so they are capped by a filter of their own that HERALD_LOG or
-/// RUST_LOG cannot lift (even `lapin::channel=trace`).
-fn capped_crates() -> tracing_subscriber::filter::Targets {
-    use tracing_subscriber::filter::LevelFilter;
-    tracing_subscriber::filter::Targets::new()
-        .with_default(LevelFilter::TRACE)
-        .with_target("lapin", LevelFilter::OFF)
-        .with_target("amq_protocol", LevelFilter::OFF)
-        .with_target("amq_protocol_tcp", LevelFilter::OFF)
-        .with_target("amq_protocol_types", LevelFilter::OFF)
-        .with_target("async_nats", LevelFilter::ERROR)
-        .with_target("redis", LevelFilter::ERROR)
-        .with_target("rdkafka", LevelFilter::ERROR)
-        .with_target("sqlx", LevelFilter::WARN)
-        .with_target("rustls", LevelFilter::ERROR)
-        .with_target("tokio_rustls", LevelFilter::ERROR)
-}
-
-fn init_logging(command: &Command, format: LogFormat) {
-    use std::io::IsTerminal;
-    use tracing_subscriber::Layer;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    // The demo prints its own progress; its expected warnings (the injected outage) would drown
-    // it. Verify reports the faults it injects itself.
-    // async-nats logs every connection the verify faults break at ERROR.
-    let default_filter = match command {
+/// The log filter when HERALD_LOG and RUST_LOG are unset. The demo prints its own progress; its
+/// expected warnings (the injected outage) would drown it. Verify reports the faults it injects
+/// itself, and async-nats logs every connection the verify faults break at ERROR.
+fn default_filter(command: &Command) -> &'static str {
+    match command {
         #[cfg(feature = "lab")]
         Command::Verify(_) => "error,async_nats=off",
         #[cfg(feature = "lab")]
         Command::Demo(_) | Command::Bench(_) => "error",
-        _ => "warn,herald=info,herald_core=info",
-    };
-    let requested = ["HERALD_LOG", "RUST_LOG"]
-        .iter()
-        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()));
-    let filter = match requested.as_deref() {
-        Some(spec) => tracing_subscriber::EnvFilter::try_new(spec).unwrap_or_else(|e| {
-            eprintln!("warning: ignoring the log filter {spec:?} ({e}); using {default_filter:?}");
-            tracing_subscriber::EnvFilter::new(default_filter)
-        }),
-        None => tracing_subscriber::EnvFilter::new(default_filter),
-    };
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let layer = match format {
-        LogFormat::Json => layer.json().boxed(),
-        LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).boxed(),
-    };
-    // Both filters as global layers: an event is written only if both enable it. (As two
-    // nested per-layer filters, events of some callsites went missing on the PostgreSQL path.)
-    tracing_subscriber::registry()
-        .with(capped_crates())
-        .with(filter)
-        .with(layer)
-        .init();
+        _ => "warn,herald=info,herald_core=info,herald_telemetry=info",
+    }
 }
 
 async fn migrate(args: DbArgs) -> anyhow::Result<ExitCode> {

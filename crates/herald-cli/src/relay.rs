@@ -60,6 +60,21 @@ pub struct RelayArgs {
     /// Largest message published (1024 to 1073741824); larger ones are dead-lettered.
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     max_message_bytes: usize,
+    /// Serve Prometheus metrics at /metrics, and /healthz and /readyz, on this address
+    /// (e.g. 127.0.0.1:9464). Off when not given.
+    #[arg(long, env = "HERALD_HTTP_ADDR")]
+    http_addr: Option<std::net::SocketAddr>,
+    /// /readyz answers 503 once the oldest pending message is older than this while the relay
+    /// made no progress for as long (a stall).
+    #[arg(long, env = "HERALD_STALL_AFTER", default_value = "60s", value_parser = parse_duration)]
+    stall_after: Duration,
+    /// /readyz answers 503 once the database or the broker has failed for this long.
+    #[arg(long, env = "HERALD_UNREACHABLE_AFTER", default_value = "10s", value_parser = parse_duration)]
+    unreachable_after: Duration,
+    /// How often the outbox is sampled for the metrics and /readyz (pending rows, the oldest
+    /// one's age, dead letters), and an idle broker asked whether it answers.
+    #[arg(long, env = "HERALD_SAMPLE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    sample_interval: Duration,
     /// Name of this relay in heartbeats, `herald status` and logs.
     #[arg(long, env = "HERALD_RELAY_ID")]
     relay_id: Option<String>,
@@ -87,8 +102,21 @@ impl RelayArgs {
             retry_delay_max: self.retry_delay_max,
             max_message_bytes: self.max_message_bytes,
             backoff_max: self.backoff_max,
+            sample_interval: self.sample_interval,
             ..RelayConfig::default()
         };
+        for (flag, value) in [
+            ("--stall-after", self.stall_after),
+            ("--unreachable-after", self.unreachable_after),
+        ] {
+            if !(Duration::from_millis(100)..=Duration::from_secs(30 * 24 * 3600)).contains(&value)
+            {
+                return Err(herald::Error::config(format!(
+                    "{flag} {value:?} must be between 100ms and 30 days"
+                ))
+                .into());
+            }
+        }
         if let Some(id) = &self.relay_id {
             cfg.relay_id = id.clone();
         }
@@ -152,6 +180,10 @@ impl Transport for MidBatch {
     }
     fn redelivery_delay(&self) -> std::time::Duration {
         self.0.redelivery_delay()
+    }
+
+    async fn check(&self) -> herald::Result<()> {
+        self.0.check().await
     }
 
     fn describe(&self) -> String {
@@ -251,6 +283,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     info!(database = %db_url, broker = %transport.describe(), table = %table, relay = %config.relay_id, "relay starting");
 
     let relay = Relay::with_failpoint(store.clone(), transport, config, hook)?;
+    let _endpoints = match args.http_addr {
+        Some(addr) => Some(serve_endpoints(&args, addr, &relay, &db, &table).await?),
+        None => None,
+    };
     let started = Instant::now();
     let mut remaining = None;
     let result = if args.until_empty {
@@ -314,6 +350,57 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves /metrics, /healthz and /readyz on `addr` until the returned guard drops, and samples
+/// the consumers' dead letters (beside the outbox) into `herald_dead_letters{side="consumer"}`.
+async fn serve_endpoints(
+    args: &RelayArgs,
+    addr: std::net::SocketAddr,
+    relay: &Relay,
+    db: &backends::Database,
+    table: &herald::Identifier,
+) -> anyhow::Result<Tasks> {
+    let metrics = herald_telemetry::Metrics::install()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on --http-addr {addr}"))?;
+    let endpoints = herald_telemetry::Endpoints::new().metrics(metrics).relay(
+        relay.health(),
+        relay.thresholds(args.stall_after, args.unreachable_after),
+    );
+    let server = tokio::spawn(async move {
+        if let Err(e) = endpoints.serve(listener, std::future::pending()).await {
+            warn!(error = %e, "the metrics and health endpoints stopped");
+        }
+    });
+    let admin = backends::dead_letters(db, table)?;
+    let every = args.sample_interval;
+    let sampler = tokio::spawn(async move {
+        let gauge = metrics::gauge!(herald::telemetry::names::DEAD_LETTERS, "side" => "consumer");
+        loop {
+            match admin.count(herald::dead_letters::Side::Consumer).await {
+                Ok(n) => gauge.set(n as f64),
+                Err(e) => {
+                    tracing::debug!(error = %e.chain(), "counting the consumers' dead letters failed")
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok(Tasks(vec![server, sampler]))
+}
+
+/// Background tasks, aborted when dropped.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// How long `--until-empty` keeps retrying a broker that fails every publish before it gives up

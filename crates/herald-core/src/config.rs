@@ -186,6 +186,10 @@ pub struct RelayConfig {
     pub backoff_initial: Duration,
     /// Backoff cap. Default 5 s.
     pub backoff_max: Duration,
+    /// How often the relay samples the outbox (rows pending, the oldest one's age, dead
+    /// letters) for its metrics and `/readyz`, and asks an idle broker whether it answers.
+    /// Default 5 s.
+    pub sample_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -203,6 +207,7 @@ impl Default for RelayConfig {
             max_message_bytes: 1024 * 1024,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            sample_interval: Duration::from_secs(5),
         }
     }
 }
@@ -271,6 +276,13 @@ impl RelayConfig {
         }
         if self.poll_interval.is_zero() {
             return Err(Error::config("poll interval must be greater than zero"));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&self.sample_interval)
+        {
+            return Err(Error::config(format!(
+                "sample interval {:?} must be between 100ms and 1h",
+                self.sample_interval
+            )));
         }
         if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
             return Err(Error::config("backoff must satisfy 0 < initial <= max"));

@@ -16,11 +16,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::telemetry::names;
+use crate::trace;
 use crate::transport::{Delivery, Received, Subscriber, Subscription, Transport};
 
 /// What applying one message did.
@@ -104,6 +106,9 @@ pub struct ConsumerConfig {
     /// so each key's messages are still applied one at a time, in order; unkeyed messages go
     /// round-robin. Default 1.
     pub concurrency: usize,
+    /// How often the group's lag is read from the broker for `herald_consumer_lag_messages`.
+    /// Default 10 s.
+    pub lag_interval: Duration,
 }
 
 fn lane_of(key: &str, n: usize) -> usize {
@@ -124,6 +129,7 @@ impl Default for ConsumerConfig {
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_every: Duration::from_secs(1),
             concurrency: 1,
+            lag_interval: Duration::from_secs(10),
         }
     }
 }
@@ -159,6 +165,12 @@ impl ConsumerConfig {
             return Err(Error::config(format!(
                 "consumer inbox_retention {:?} must be at least 1s: it is the deduplication window",
                 self.inbox_retention
+            )));
+        }
+        if self.lag_interval < Duration::from_millis(100) {
+            return Err(Error::config(format!(
+                "consumer lag_interval {:?} must be at least 100ms",
+                self.lag_interval
             )));
         }
         if self.concurrency == 0 || self.concurrency > 1024 {
@@ -274,27 +286,54 @@ impl Consumer {
                     .counters
                     .dead_lettered
                     .fetch_add(1, Ordering::Relaxed);
+                self.handled("parked");
                 Ok(None)
             }
-            Received::Message(d) => self.apply_with_retries(&d).await,
+            Received::Message(d) => {
+                // The handler runs inside the message's trace, and what it sends is caused by
+                // this message (trace, correlation and causation ids).
+                let span = trace::handle_span(&d.message, service);
+                trace::Cause::of(&d.message)
+                    .scope(self.apply_with_retries(&d, &span))
+                    .instrument(span.clone())
+                    .await
+            }
         }
     }
 
-    async fn apply_with_retries(&self, d: &Delivery) -> Result<Option<Applied>> {
+    fn handled(&self, outcome: &'static str) {
+        metrics::counter!(
+            names::HANDLED,
+            "service" => self.inner.subscription.service.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
+
+    async fn apply_with_retries(
+        &self,
+        d: &Delivery,
+        span: &tracing::Span,
+    ) -> Result<Option<Applied>> {
         let cfg = &self.inner.config;
         let service = &self.inner.subscription.service;
         let mut retry = Backoff::new(cfg.retry_initial, cfg.retry_max);
         let mut outage = Backoff::new(cfg.retry_initial, cfg.retry_max);
         let mut attempts = 0;
         loop {
-            match self.inner.apply.apply(service, &d.message, None).await {
+            let started = tokio::time::Instant::now();
+            let applied = self.inner.apply.apply(service, &d.message, None).await;
+            metrics::histogram!(names::HANDLE_DURATION, "service" => service.clone())
+                .record(started.elapsed().as_secs_f64());
+            match applied {
                 Ok(outcome) => {
-                    let counter = match outcome {
-                        Applied::Done => &self.inner.counters.applied,
-                        Applied::Duplicate => &self.inner.counters.duplicates,
-                        Applied::Stale => &self.inner.counters.stale,
+                    let (counter, label) = match outcome {
+                        Applied::Done => (&self.inner.counters.applied, "applied"),
+                        Applied::Duplicate => (&self.inner.counters.duplicates, "duplicate"),
+                        Applied::Stale => (&self.inner.counters.stale, "stale"),
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    self.handled(label);
                     return Ok(Some(outcome));
                 }
                 Err(e) if e.is_transient() => {
@@ -307,6 +346,7 @@ impl Consumer {
                     self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
                     let reason = e.chain();
                     if attempts >= cfg.max_attempts {
+                        trace::failed(span, &e);
                         warn!(service, id = %d.message.id, attempts, %reason, "handler keeps failing; dead-lettering");
                         self.retry_transient(|| {
                             self.inner
@@ -318,8 +358,10 @@ impl Consumer {
                             .counters
                             .dead_lettered
                             .fetch_add(1, Ordering::Relaxed);
+                        self.handled("parked");
                         return Ok(None);
                     }
+                    self.handled("retried");
                     let delay = retry.next_delay();
                     warn!(service, id = %d.message.id, attempts, %reason, ?delay, "handler failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -486,6 +528,8 @@ impl Consumer {
             .counters
             .ack_failures
             .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::ACK_FAILURES, "service" => self.inner.subscription.service.clone())
+            .increment(1);
         self.resubscribe(sub, e).await
     }
 
@@ -544,6 +588,10 @@ impl Consumer {
                 }
             })
         };
+        let lag = {
+            let me = self.clone();
+            tokio::spawn(async move { me.lag_loop().await })
+        };
         info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
         let result = if cfg.concurrency <= 1 {
             self.sequential(&mut sub, &mut stop).await
@@ -551,7 +599,33 @@ impl Consumer {
             self.keyed(&mut sub, &mut stop).await
         };
         housekeeping.abort();
+        lag.abort();
         signal.abort();
         result
+    }
+
+    /// Reads the group's lag into `herald_consumer_lag_messages` every `lag_interval`, where
+    /// the broker can tell.
+    async fn lag_loop(&self) {
+        let s = &self.inner.subscription;
+        let gauge = metrics::gauge!(
+            names::CONSUMER_LAG,
+            "service" => s.service.clone(),
+            "topic" => s.destination.clone()
+        );
+        let mut tick = tokio::time::interval(self.inner.config.lag_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let every = self.inner.config.lag_interval;
+            match tokio::time::timeout(every, self.inner.transport.lag(s)).await {
+                Ok(Ok(Some(n))) => gauge.set(n as f64),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e.chain(), "reading the consumer lag failed")
+                }
+                Err(_) => tracing::debug!("reading the consumer lag timed out"),
+            }
+        }
     }
 }

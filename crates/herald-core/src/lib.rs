@@ -28,6 +28,8 @@ pub mod memory;
 pub mod message;
 pub mod relay;
 pub mod store;
+pub mod telemetry;
+pub mod trace;
 pub mod transport;
 
 /// What a backend (an outbox store or a transport) is written with, beyond the traits: not

@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 use crate::membership::{Heartbeat, RelayInfo, Standing, new_incarnation};
 use crate::message::Message;
 use crate::store::{Claim, Lease, OutboxStore, RejectionOutcome};
+use crate::telemetry::{Health, Thresholds, names};
+use crate::trace;
 use crate::transport::Transport;
 
 /// Points in a tick where a test or `herald relay --failpoint` can crash the relay on purpose.
@@ -118,6 +120,7 @@ struct Inner {
     /// `config.attempts_before_dead_letter()`, computed once.
     dead_letter_after: u32,
     members: Members,
+    health: Arc<Health>,
 }
 
 /// This relay's membership: who it is, what it holds, and which partitions have a batch in
@@ -242,6 +245,7 @@ impl Relay {
                 failpoint,
                 dead_letter_after,
                 members,
+                health: Arc::new(Health::default()),
             }),
         })
     }
@@ -259,6 +263,28 @@ impl Relay {
     /// The configuration in force.
     pub fn config(&self) -> &RelayConfig {
         &self.inner.config
+    }
+
+    /// What this relay's loops record for `/healthz` and `/readyz` (updated while
+    /// [`run`](Self::run) runs).
+    pub fn health(&self) -> Arc<Health> {
+        self.inner.health.clone()
+    }
+
+    /// `/readyz`'s thresholds for this relay: not ready once the database or the broker has
+    /// failed for `unreachable_after`, or once the oldest pending row is older than
+    /// `stall_after` while the relay made no progress for as long. A loop that has not turned
+    /// for four times the longest call it may wait on (plus a backoff and a poll) fails
+    /// `/healthz`.
+    pub fn thresholds(&self, stall_after: Duration, unreachable_after: Duration) -> Thresholds {
+        let cfg = &self.inner.config;
+        let call = cfg.publish_timeout.max(cfg.lease);
+        Thresholds {
+            unreachable_after,
+            stall_after,
+            loop_bound: (call * 4 + cfg.backoff_max + cfg.poll_interval)
+                .max(Duration::from_secs(30)),
+        }
     }
 
     fn hit(&self, point: Failpoint) {
@@ -321,9 +347,17 @@ impl Relay {
                     })
                 });
             let holdings = match answer {
-                Ok(h) => h,
+                Ok(h) => {
+                    self.inner.health.database(sent, Ok(()));
+                    h
+                }
                 Err(e) => {
-                    self.count(&self.inner.counters.heartbeat_errors, 1);
+                    self.inner.health.database(sent, Err(e.chain()));
+                    self.count(
+                        &self.inner.counters.heartbeat_errors,
+                        names::HEARTBEAT_ERRORS,
+                        1,
+                    );
                     return Err(e);
                 }
             };
@@ -334,7 +368,7 @@ impl Relay {
                     incarnation,
                     "this relay's incarnation no longer stands (taken over after missing its heartbeats, or stopped); it drops its batches in flight and rejoins"
                 );
-                self.count(&self.inner.counters.taken_over, 1);
+                self.count(&self.inner.counters.taken_over, names::TAKEN_OVER, 1);
                 m.standing.reincarnate(fresh);
                 let mut st = m.lock();
                 st.incarnation = fresh;
@@ -367,6 +401,7 @@ impl Relay {
                 );
                 self.count(
                     &self.inner.counters.partitions_taken_over,
+                    names::PARTITIONS_TAKEN_OVER,
                     t.partitions.len(),
                 );
             }
@@ -382,6 +417,12 @@ impl Relay {
             if gained > 0 {
                 self.inner.waker.wake();
             }
+            let (held, of) = {
+                let st = m.lock();
+                (st.held.len(), st.partitions)
+            };
+            self.inner.health.held(held, of);
+            metrics::gauge!(names::PARTITIONS_HELD).set(held as f64);
             return Ok(());
         }
         Err(Error::unavailable(
@@ -494,20 +535,24 @@ impl Relay {
             return Ok(TickReport::default());
         };
         let claim = self.read(&lease, &[]).await?;
-        Ok(self.deliver(&lease, claim).await?.0)
+        Ok(self.deliver(worker, &lease, claim).await?.0)
     }
 
     /// One batch's read: the oldest publishable rows of `lease`'s partitions, except `exclude`.
     async fn read(&self, lease: &Lease, exclude: &[i64]) -> Result<Claim> {
         let cfg = &self.inner.config;
         let hold_cap = cfg.retry_delay_max + cfg.lease;
-        self.bounded(
-            "reading outbox rows",
-            self.inner
-                .store
-                .claim(lease, cfg.batch_size, hold_cap, exclude),
-        )
-        .await
+        let started = tokio::time::Instant::now();
+        let claim = self
+            .bounded(
+                "reading outbox rows",
+                self.inner
+                    .store
+                    .claim(lease, cfg.batch_size, hold_cap, exclude),
+            )
+            .await;
+        metrics::histogram!(names::CLAIM_DURATION).record(started.elapsed().as_secs_f64());
+        claim
     }
 
     /// `call` to the store, abandoned after the publish timeout or the lease, whichever is
@@ -568,7 +613,7 @@ impl Relay {
         } = current;
         let ids: Vec<i64> = claim.rows.iter().map(|r| r.seq).collect();
         let go_on = !ids.is_empty() && !self.giving_up(&busy.partitions);
-        let (delivered, next) = tokio::join!(self.deliver(&lease, claim), async {
+        let (delivered, next) = tokio::join!(self.deliver(worker, &lease, claim), async {
             if go_on {
                 Some(self.read(&lease, &ids).await)
             } else {
@@ -604,14 +649,26 @@ impl Relay {
     /// Publishes and marks a batch that was read (see [`tick`](Self::tick)); returns what it
     /// did and the keys that are blocked: a row of theirs was not confirmed, so no later row of
     /// theirs may be published before it is.
-    async fn deliver(&self, lease: &Lease, claim: Claim) -> Result<(TickReport, HashSet<String>)> {
+    async fn deliver(
+        &self,
+        worker: usize,
+        lease: &Lease,
+        claim: Claim,
+    ) -> Result<(TickReport, HashSet<String>)> {
         let store = &self.inner.store;
         let mut report = TickReport {
             claimed: claim.rows.len() + claim.parked,
             dead_lettered: claim.parked,
             ..TickReport::default()
         };
-        self.count(&self.inner.counters.dead_lettered, claim.parked);
+        self.count(
+            &self.inner.counters.dead_lettered,
+            names::DEAD_LETTERED,
+            claim.parked,
+        );
+        if claim.parked > 0 {
+            self.inner.health.progress();
+        }
         if claim.rows.is_empty() {
             return Ok((report, HashSet::new()));
         }
@@ -658,7 +715,7 @@ impl Relay {
             return Ok((self.lease_lost(report, lease.token, rows.len()), keys));
         }
 
-        let results = self.publish_in_waves(&rows, lease).await;
+        let results = self.publish_in_waves(worker, &rows, lease).await;
         self.hit(Failpoint::AfterConfirm);
 
         // Walk the batch in order. A key is blocked from its first row that is not confirmed
@@ -667,6 +724,7 @@ impl Relay {
         let dead_letter_after = self.inner.dead_letter_after;
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut confirmed = Vec::with_capacity(rows.len());
+        let mut confirmed_to: Vec<&str> = Vec::with_capacity(rows.len());
         let mut unknown = Vec::new();
         // Rows not sent, or sent but not counted, because an earlier row of their key was not
         // confirmed.
@@ -683,6 +741,7 @@ impl Relay {
             let keeps_key = match result {
                 Some(Ok(())) => {
                     confirmed.push(row.seq);
+                    confirmed_to.push(&row.message.destination);
                     true
                 }
                 // Held back behind an earlier message of its key that was not confirmed.
@@ -728,6 +787,17 @@ impl Relay {
                 .bounded("marking outbox rows", store.complete(lease, &confirmed))
                 .await? as usize;
             report.published += marked;
+            if marked > 0 {
+                self.inner.health.progress();
+            }
+            // Rows marked by someone else are few and rare: the first `marked` count here.
+            let mut per_destination: HashMap<&str, u64> = HashMap::new();
+            for d in confirmed_to.iter().take(marked) {
+                *per_destination.entry(d).or_default() += 1;
+            }
+            for (d, n) in per_destination {
+                metrics::counter!(names::PUBLISHED, "destination" => d.to_owned()).increment(n);
+            }
             if marked < confirmed.len() {
                 // Another relay took these rows over: it will publish them again (a duplicate).
                 let lost = confirmed.len() - marked;
@@ -757,15 +827,18 @@ impl Relay {
                 .bounded("releasing outbox rows", store.release(lease, seqs, reason))
                 .await? as usize;
             report.released += released;
-            self.count(&self.inner.counters.released, released);
+            self.count(&self.inner.counters.released, names::RELEASED, released);
             if released < seqs.len() {
                 report = self.lease_lost(report, lease.token, seqs.len() - released);
             }
         }
         if report.broker_error.is_some() {
-            self.count(&self.inner.counters.broker_errors, 1);
+            self.count(&self.inner.counters.broker_errors, names::BROKER_ERRORS, 1);
         }
-        self.count(&self.inner.counters.published, report.published);
+        self.inner
+            .counters
+            .published
+            .fetch_add(report.published as u64, Ordering::Relaxed);
         match failure {
             Some(e) => Err(e),
             None => Ok((report, blocked.into_iter().map(str::to_owned).collect())),
@@ -784,6 +857,7 @@ impl Relay {
     /// publish under.
     async fn publish_in_waves(
         &self,
+        worker: usize,
         rows: &[crate::store::OutboxRow],
         lease: &Lease,
     ) -> Vec<Option<Result<()>>> {
@@ -834,7 +908,14 @@ impl Relay {
             if send.is_empty() {
                 continue;
             }
-            let messages: Vec<Message> = send.iter().map(|i| rows[*i].message.clone()).collect();
+            self.inner.health.worker_turned(worker);
+            let mut messages: Vec<Message> =
+                send.iter().map(|i| rows[*i].message.clone()).collect();
+            // One span per message while tracing is on, continuing the row's trace; the message
+            // leaves with the span's traceparent.
+            let spans: Vec<Option<tracing::Span>> =
+                messages.iter_mut().map(trace::publish_span).collect();
+            let started = tokio::time::Instant::now();
             // Each wave has the whole publish timeout; the heartbeat keeps the partitions held
             // meanwhile, and no wave starts once the relay's deadline has passed.
             let sent = match tokio::time::timeout(
@@ -865,6 +946,25 @@ impl Relay {
                     after: cfg.publish_timeout,
                 }),
             };
+            metrics::histogram!(names::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
+            // The broker answered unless every outcome is unknown (a refusal is an answer).
+            let answered = sent
+                .iter()
+                .any(|r| r.as_ref().is_ok() || r.as_ref().is_err_and(|e| !e.is_transient()));
+            let unanswered = sent.iter().find_map(|r| r.as_ref().err()).map(Error::chain);
+            self.inner.health.broker(
+                started,
+                match (answered, unanswered) {
+                    (false, Some(e)) => Err(e),
+                    _ => Ok(()),
+                },
+            );
+            for (span, r) in spans.iter().zip(&sent) {
+                if let (Some(span), Err(e)) = (span, r) {
+                    trace::failed(span, e);
+                }
+            }
+            drop(spans);
             for (i, r) in send.into_iter().zip(sent) {
                 if r.is_err()
                     && let Some(k) = rows[i].message.ordering_key.as_deref()
@@ -877,14 +977,17 @@ impl Relay {
         results
     }
 
-    fn count(&self, counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    fn count(&self, counter: &AtomicU64, metric: &'static str, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            metrics::counter!(metric).increment(n as u64);
+        }
     }
 
     fn lease_lost(&self, mut report: TickReport, token: i64, rows: usize) -> TickReport {
         debug!(token, rows, "lease lost");
         report.lease_lost += rows;
-        self.count(&self.inner.counters.lease_lost, rows);
+        self.count(&self.inner.counters.lease_lost, names::LEASE_LOST, rows);
         report
     }
 
@@ -930,16 +1033,16 @@ impl Relay {
                     "broker rejected message; will retry"
                 );
                 report.rejected += 1;
-                self.count(&self.inner.counters.rejected, 1);
+                self.count(&self.inner.counters.rejected, names::REJECTED, 1);
             }
             RejectionOutcome::DeadLettered => {
                 warn!(seq, reason, "message dead-lettered");
                 report.dead_lettered += 1;
-                self.count(&self.inner.counters.dead_lettered, 1);
+                self.count(&self.inner.counters.dead_lettered, names::DEAD_LETTERED, 1);
             }
             RejectionOutcome::LeaseLost => {
                 report.lease_lost += 1;
-                self.count(&self.inner.counters.lease_lost, 1);
+                self.count(&self.inner.counters.lease_lost, names::LEASE_LOST, 1);
             }
         }
         Ok(outcome)
@@ -982,6 +1085,12 @@ impl Relay {
         }));
         let signal = AbortOnDrop(Some(signal));
         let workers_n = self.inner.config.workers;
+        self.inner.health.started(workers_n);
+        let sampler = AbortOnDrop(Some({
+            let relay = self.clone();
+            let stop = stop_rx.clone();
+            tokio::spawn(async move { relay.sample_loop(stop).await })
+        }));
         let mut workers = tokio::task::JoinSet::new();
         for worker in 0..workers_n {
             let relay = self.clone();
@@ -1036,8 +1145,10 @@ impl Relay {
             }
         }
         drop(signal);
+        drop(sampler);
         let _ = beat_stop.send(true);
         beater.join().await;
+        self.inner.health.stopped();
         match self.leave().await {
             Ok(()) => info!(relay = %self.inner.config.relay_id, "partitions released"),
             Err(e) => warn!(
@@ -1048,10 +1159,85 @@ impl Relay {
         outcome
     }
 
+    /// Every [`RelayConfig::sample_interval`]: the outbox's pending rows, their oldest age and
+    /// its dead letters into the gauges and the health, and a check of the broker if nothing
+    /// was heard from it for as long.
+    async fn sample_loop(&self, mut stop: watch::Receiver<bool>) {
+        let every = self.inner.config.sample_interval;
+        let mut seen = HashSet::new();
+        loop {
+            tokio::join!(self.sample_outbox(&mut seen), self.check_broker(every));
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn sample_outbox(&self, seen: &mut HashSet<String>) {
+        let health = &self.inner.health;
+        let started = tokio::time::Instant::now();
+        let stats = match self
+            .bounded("sampling the outbox", self.inner.store.stats())
+            .await
+        {
+            Ok(stats) => stats,
+            Err(e) => {
+                debug!(error = %e.chain(), "sampling the outbox failed");
+                if e.is_transient() {
+                    health.database(started, Err(e.chain()));
+                }
+                return;
+            }
+        };
+        let now = std::time::SystemTime::now();
+        let (mut pending, mut oldest, mut dead) = (0u64, None::<Duration>, 0u64);
+        let mut current = HashSet::with_capacity(stats.len());
+        for d in stats {
+            // A clock behind the database's reads as age zero, not as a negative age.
+            let age = d.oldest.map(|t| now.duration_since(t).unwrap_or_default());
+            metrics::gauge!(names::OUTBOX_PENDING, "destination" => d.destination.clone())
+                .set(d.pending as f64);
+            metrics::gauge!(names::OUTBOX_OLDEST_AGE, "destination" => d.destination.clone())
+                .set(age.unwrap_or_default().as_secs_f64());
+            pending += d.pending;
+            dead += d.dead_letters;
+            if d.pending > 0 {
+                oldest = oldest.max(age);
+            }
+            current.insert(d.destination);
+        }
+        // A destination that emptied and left the stats reads as zero, not as its last value.
+        for gone in seen.difference(&current) {
+            metrics::gauge!(names::OUTBOX_PENDING, "destination" => gone.clone()).set(0.0);
+            metrics::gauge!(names::OUTBOX_OLDEST_AGE, "destination" => gone.clone()).set(0.0);
+        }
+        *seen = current;
+        metrics::gauge!(names::DEAD_LETTERS, "side" => "outbox").set(dead as f64);
+        health.sampled(pending, oldest);
+    }
+
+    /// Asks the broker whether it answers, unless a publish heard from it within `quiet`.
+    async fn check_broker(&self, quiet: Duration) {
+        let health = &self.inner.health;
+        if health.broker_seen().is_some_and(|t| t.elapsed() < quiet) {
+            return;
+        }
+        let limit = self.inner.config.publish_timeout;
+        let started = tokio::time::Instant::now();
+        let result = match tokio::time::timeout(limit, self.inner.transport.check()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.chain()),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        };
+        health.broker(started, result);
+    }
+
     async fn heartbeat_loop(&self, mut stop: watch::Receiver<bool>) {
         let every = self.inner.config.heartbeat_interval();
         let mut failing = false;
         loop {
+            self.inner.health.heartbeat_turned();
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = stop.changed() => return,
@@ -1087,6 +1273,7 @@ impl Relay {
         let mut ahead = None;
         info!(worker, relay = %cfg.relay_id, "relay worker started");
         loop {
+            self.inner.health.worker_turned(worker);
             if *stop.borrow() {
                 info!(worker, "relay worker stopped");
                 return Ok(());

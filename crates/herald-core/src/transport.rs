@@ -36,6 +36,13 @@ pub trait Transport: Send + Sync + 'static {
     /// copy); commands reach exactly one instance of the owning service.
     async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Subscriber>>;
 
+    /// One round trip to the broker, to tell whether it answers: the relay calls it (under a
+    /// timeout) when it has had nothing to publish for a while, so `/readyz` notices a broker
+    /// that went away while the outbox was idle. The default answers `Ok` without asking.
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Broker settings under which a confirmed message could vanish; sentences, empty when safe.
     async fn durability_warnings(&self) -> Result<Vec<String>> {
         Ok(Vec::new())

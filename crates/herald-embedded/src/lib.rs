@@ -338,6 +338,15 @@ impl Transport for EmbeddedTransport {
         .map(|_| ())
     }
 
+    /// `SELECT 1` on the log's database.
+    async fn check(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| db("checking the log", e))
+    }
+
     async fn lag(&self, subscription: &Subscription) -> Result<Option<u64>> {
         let group = group_of(subscription);
         let n: i64 = sqlx::query_scalar(

@@ -14,7 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Mutex;
 use tracing::info;
@@ -394,6 +394,20 @@ impl Transport for KafkaTransport {
             .map_err(|e| kafka_err("moving the group's offsets", e))?;
         member.unsubscribe();
         Ok(())
+    }
+
+    /// Fetches the cluster's metadata through the producer's client.
+    async fn check(&self) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, META_TIMEOUT)
+                .map(|_| ())
+                .map_err(|e| kafka_err("checking the cluster", e))
+        })
+        .await
+        .map_err(|e| Error::unavailable("Kafka (checking the cluster)", e))?
     }
 
     async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {

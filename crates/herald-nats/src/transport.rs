@@ -347,6 +347,15 @@ impl Transport for NatsTransport {
         Ok(())
     }
 
+    /// Asks JetStream for the account's information: a round trip through the server.
+    async fn check(&self) -> Result<()> {
+        self.js
+            .query_account()
+            .await
+            .map(|_| ())
+            .map_err(|e| nats_err("checking JetStream", e))
+    }
+
     async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {
         let mut stream = match self
             .js

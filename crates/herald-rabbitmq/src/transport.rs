@@ -81,12 +81,6 @@ impl RabbitTransport {
         self
     }
 
-    /// Connects once, to report a wrong URL or credentials at start-up.
-    pub async fn check(&self) -> Result<()> {
-        let mut state = self.state.lock().await;
-        self.link(&mut state).await.map(|_| ())
-    }
-
     async fn connect(&self) -> Result<Connection> {
         let props = ConnectionProperties::default().with_connection_name("herald".into());
         match tokio::time::timeout(
@@ -512,6 +506,45 @@ impl Transport for RabbitTransport {
             consumer,
             destination: subscription.destination.clone(),
         }))
+    }
+
+    /// Connects if needed (so a wrong URL or credentials show at start-up) and asks the broker
+    /// about `amq.topic` on the publishing channel: a broker that accepts TCP and never answers
+    /// fails here. A link that did not answer in time is dropped, so the next publish starts on
+    /// a fresh connection.
+    async fn check(&self) -> Result<()> {
+        let mut state = self.state.lock().await;
+        let link = self.link(&mut state).await?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let asked = tokio::time::timeout(
+            self.confirm_timeout,
+            link.channel.exchange_declare(
+                "amq.topic".into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        let answer = match asked {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => lapin_err("checking the connection", e),
+            Err(_) => Error::Timeout {
+                what: "RabbitMQ's answer to a check".to_owned(),
+                after: self.confirm_timeout,
+            },
+        };
+        if let Some(old) = state.take() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                old.connection.close(200, "reconnecting".into()),
+            )
+            .await;
+        }
+        Err(answer)
     }
 
     async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {

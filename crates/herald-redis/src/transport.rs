@@ -376,6 +376,14 @@ impl Transport for RedisTransport {
             .map_err(|e| redis_err("moving the consumer group", e))
     }
 
+    /// `PING`.
+    async fn check(&self) -> Result<()> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| redis_err("checking the connection", e))
+    }
+
     async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {
         let key = wire::stream_key(s.kind, &s.destination);
         let v: redis::RedisResult<Value> = redis::cmd("XINFO")

@@ -62,7 +62,10 @@ impl<D: Dialect> OutboxWriter<D> {
     pub async fn enqueue(&self, conn: &mut Conn<D>, message: &Message) -> Result<i64> {
         // Refuse here what the relay would dead-letter: the producer hears of it at once.
         message.check_cloudevents().map_err(Error::unpublishable)?;
-        let headers = serde_json::to_string(&message.headers)
+        // The caller's trace context, and the cause when a handler sends this (see
+        // `herald_core::trace::stamp`).
+        let stamped = herald_core::trace::stamp(message);
+        let headers = serde_json::to_string(stamped.as_ref().unwrap_or(&message.headers))
             .map_err(|e| Error::unpublishable(format!("headers do not serialise as JSON: {e}")))?;
         let stmt = Stmt::<D::DB>::new(&self.insert)
             .text(&message.id.to_string())

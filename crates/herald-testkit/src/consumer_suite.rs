@@ -413,6 +413,10 @@ impl Transport for AckFailsOnce {
         self.inner.redelivery_delay()
     }
 
+    async fn check(&self) -> herald_core::Result<()> {
+        self.inner.check().await
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

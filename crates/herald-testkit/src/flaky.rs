@@ -94,6 +94,16 @@ impl Transport for FlakyTransport {
         self.inner.redelivery_delay()
     }
 
+    async fn check(&self) -> Result<()> {
+        if self.state.down.load(Ordering::SeqCst) {
+            return Err(Error::unavailable(
+                "broker (fault injected)",
+                "connection refused",
+            ));
+        }
+        self.inner.check().await
+    }
+
     fn describe(&self) -> String {
         format!("flaky({})", self.inner.describe())
     }

@@ -281,6 +281,10 @@ impl Transport for RecordingTransport {
         self.inner.redelivery_delay()
     }
 
+    async fn check(&self) -> Result<()> {
+        self.inner.check().await
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -45,8 +45,13 @@ pub use herald_core::{
     TickReport, Transport, Undecodable, Waker,
 };
 pub use herald_core::{
-    backoff, cloudevents, consumer, fallback, membership, memory, message, relay,
+    backoff, cloudevents, consumer, fallback, membership, memory, message, relay, telemetry, trace,
 };
+
+/// Prometheus metrics, `/healthz` and `/readyz`, logs and OpenTelemetry export over OTLP (the
+/// `observability` feature; `otlp` adds the exporter).
+#[cfg(feature = "observability")]
+pub use herald_telemetry as observability;
 
 /// Helpers for writing a backend (a store or a transport), beyond the traits: not needed to use
 /// herald.

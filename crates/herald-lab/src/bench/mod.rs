@@ -70,8 +70,24 @@ pub struct BenchArgs {
     out: std::path::PathBuf,
 }
 
-/// Runs `herald bench`.
-pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+/// What the telemetry scenario switches on and where its spans go: the process's telemetry
+/// (installed with spans off) and a local OTLP sink it exports to.
+pub struct Observed<'a> {
+    /// Installed by `main` with spans off and OTLP/gRPC to `sink`.
+    pub telemetry: &'a herald_telemetry::Telemetry,
+    /// The local OTLP receiver.
+    pub sink: &'a herald_telemetry::sink::Sink,
+}
+
+impl BenchArgs {
+    /// Whether `--skip` names `scenario`.
+    pub fn skips(&self, scenario: &str) -> bool {
+        self.skip.iter().any(|k| k == scenario)
+    }
+}
+
+/// Runs `herald bench`. `observed` is needed for the telemetry scenario (skipped without it).
+pub async fn run(args: BenchArgs, observed: Option<Observed<'_>>) -> Result<ExitCode> {
     let tmp = std::env::temp_dir().join(format!("herald-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let suffix = format!("{:08x}", fastrand::u32(..));
@@ -137,7 +153,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     if args.consumer_concurrency == 0 {
         args.consumer_concurrency = if db_name == "sqlite" { 1 } else { 4 };
     }
-    let outcome = run_all(&args, &env).await;
+    let outcome = run_all(&args, &env, observed).await;
     bench_db.teardown().await;
     let _ = std::fs::remove_dir_all(&tmp);
     let results = outcome?;
@@ -164,10 +180,12 @@ pub struct Results {
     pub with_outbox: Option<scenarios::Rate>,
     /// Publishing straight to the broker after the commit (the naive way), and its latency.
     pub naive: Option<(scenarios::Rate, timing::Percentiles)>,
+    /// The drain with telemetry off, then on (metrics recorded, spans exported over OTLP).
+    pub telemetry: Option<scenarios::TelemetryCost>,
 }
 
-async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
-    let skip = |s: &str| args.skip.iter().any(|k| k == s);
+async fn run_all(args: &BenchArgs, env: &Env, observed: Option<Observed<'_>>) -> Result<Results> {
+    let skip = |s: &str| args.skips(s);
     let mut r = Results {
         raw_publish: None,
         db_ceiling: None,
@@ -176,6 +194,7 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
         business: None,
         with_outbox: None,
         naive: None,
+        telemetry: None,
     };
     if !skip("drain") {
         r.raw_publish = Some(scenarios::raw_publish(env, args.messages).await?);
@@ -203,6 +222,12 @@ async fn run_all(args: &BenchArgs, env: &Env) -> Result<Results> {
     }
     if !skip("naive") {
         r.naive = Some(scenarios::naive(env, args.duration, args.writers).await?);
+    }
+    // Last: once on, the metrics recorder stays installed.
+    if let Some(o) = observed
+        && !skip("telemetry")
+    {
+        r.telemetry = Some(scenarios::telemetry_cost(env, args.messages.min(50_000), o).await?);
     }
     Ok(r)
 }

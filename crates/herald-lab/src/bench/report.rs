@@ -64,6 +64,7 @@ impl Report {
             "business_plus_outbox": results.with_outbox,
             "producer_tax_ratio": tax_ratio,
             "naive_save_then_publish": results.naive.as_ref().map(|(r, l)| json!({"rate": r, "commit_to_confirm": l})),
+            "telemetry": results.telemetry,
         });
         Report {
             json,
@@ -125,6 +126,21 @@ impl Report {
         }
         if let Some(x) = self.json["producer_tax_ratio"].as_f64() {
             println!("business+outbox / business-only: {:.0}%", x * 100.0);
+        }
+        if let Some(t) = &r.telemetry {
+            for rate in [&t.off, &t.on] {
+                println!(
+                    "{:<44} {:>12.0} {:>10}",
+                    rate.name, rate.per_second, rate.count
+                );
+            }
+            println!(
+                "telemetry on / off: {:.0}% ({} of {} spans reached the local OTLP sink; one /metrics scrape: {} bytes)",
+                t.ratio * 100.0,
+                t.spans_received,
+                t.on.count,
+                t.scrape_bytes
+            );
         }
         if !r.steady.is_empty() || r.naive.is_some() {
             println!();

@@ -220,6 +220,59 @@ pub async fn drain(env: &Env, n: u64) -> Result<Rate> {
     drain_to(env, n, env.broker.clone(), "drain").await
 }
 
+/// The drain with telemetry off and on, in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetryCost {
+    /// No metrics recorder, no spans.
+    pub off: Rate,
+    /// Prometheus recorder installed and every metric recorded; a `herald.publish` span per
+    /// message, exported over OTLP/gRPC to a local sink.
+    pub on: Rate,
+    /// `on` / `off`.
+    pub ratio: f64,
+    /// Spans the sink received during the `on` drain (the batch exporter drops spans its
+    /// queue cannot hold, as OpenTelemetry SDKs do, rather than slow the relay down).
+    pub spans_received: u64,
+    /// Size of one `/metrics` scrape after the `on` drain, bytes.
+    pub scrape_bytes: usize,
+}
+
+/// Drains `n` messages with telemetry off, then installs the Prometheus recorder, turns spans
+/// on and drains `n` more, exporting to `o.sink`.
+pub async fn telemetry_cost(env: &Env, n: u64, o: super::Observed<'_>) -> Result<TelemetryCost> {
+    let off = drain_to(env, n, env.broker.clone(), "drain, telemetry off").await?;
+    let metrics = herald_telemetry::Metrics::install()
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    o.telemetry.set_spans(true);
+    let before = o.sink.spans().len();
+    let on = drain_to(env, n, env.broker.clone(), "drain, telemetry on").await;
+    o.telemetry.set_spans(false);
+    let on = on?;
+    // What the batch exporter still holds goes out now; it is not timed.
+    let telemetry = o.telemetry;
+    tokio::task::block_in_place(|| telemetry.flush());
+    let spans_received = o
+        .sink
+        .wait_for(Duration::from_secs(5), |s| s.len() - before >= n as usize)
+        .await
+        .len()
+        - before;
+    let scrape_bytes = metrics.render().len();
+    Ok(TelemetryCost {
+        ratio: on.per_second / off.per_second.max(f64::MIN_POSITIVE),
+        off: Rate {
+            name: "drain, telemetry off".to_owned(),
+            ..off
+        },
+        on: Rate {
+            name: "drain, metrics + OTLP spans".to_owned(),
+            ..on
+        },
+        spans_received: spans_received as u64,
+        scrape_bytes,
+    })
+}
+
 async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) -> Result<Rate> {
     eprintln!("bench: {label}: filling the outbox with {n} messages");
     let messages: Vec<Message> = (0..n).map(|i| env.message(i)).collect();

@@ -93,6 +93,10 @@ impl Transport for TimingTransport {
         self.inner.subscribe(s).await
     }
 
+    async fn check(&self) -> Result<()> {
+        self.inner.check().await
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }
