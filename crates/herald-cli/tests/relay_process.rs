@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{amqp_url, pg_url};
+use common::{Db, amqp_url, herald, pg_url, relay, unique};
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,96 +18,6 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use sqlx::{AssertSqlSafe, PgPool};
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", uuid::Uuid::new_v4().as_u64_pair().0)
-}
-
-/// A fresh schema with herald's tables, a pool in it, and the URL the binary should use.
-struct Db {
-    pool: PgPool,
-    schema: String,
-    url: String,
-}
-
-impl Db {
-    async fn new() -> Db {
-        let schema = unique("herald_cli_test");
-        let admin = PgPool::connect(&pg_url())
-            .await
-            .expect("PostgreSQL must be running (see .ci/run)");
-        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let url = format!("{}?options[search_path]={schema}", pg_url());
-        let pool = PgPool::connect(&url).await.unwrap();
-        let out = herald(&["migrate", "--database", &url]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "migrate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Db { pool, schema, url }
-    }
-
-    /// Inserts rows exactly as the README documents for non-Rust producers.
-    async fn insert_plain(&self, topic: &str, keys: usize, per_key: usize) {
-        for round in 0..per_key {
-            let mut tx = self.pool.begin().await.unwrap();
-            for k in 0..keys {
-                sqlx::query(
-                    "INSERT INTO herald_outbox (message_type, destination, ordering_key, payload) \
-                     VALUES ('OrderPlaced', $1, $2, convert_to($3, 'UTF8'))",
-                )
-                .bind(topic)
-                .bind(format!("key-{k}"))
-                .bind(format!("{{\"seq\":{round}}}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            }
-            tx.commit().await.unwrap();
-        }
-    }
-
-    async fn pending(&self) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM herald_outbox")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-    }
-
-    async fn drop(self) {
-        sqlx::query(AssertSqlSafe(format!(
-            "DROP SCHEMA \"{}\" CASCADE",
-            self.schema
-        )))
-        .execute(&self.pool)
-        .await
-        .unwrap();
-        self.pool.close().await;
-    }
-}
-
-fn herald(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_herald"));
-    c.args(args)
-        .env("HERALD_LOG", "warn")
-        .env_remove("HERALD_DATABASE_URL")
-        .env_remove("HERALD_BROKER_URL");
-    c
-}
-
-fn relay(db: &Db, extra: &[&str]) -> Command {
-    let mut args = vec!["relay", "--database", &db.url];
-    let broker = amqp_url();
-    args.extend(["--broker", broker.as_str()]);
-    args.extend(extra);
-    herald(&args)
-}
 
 /// A plain AMQP consumer bound to `topic`'s exchange before anything is published.
 struct Listener {

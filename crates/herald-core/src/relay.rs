@@ -960,9 +960,14 @@ impl Relay {
                 },
             );
             for (span, r) in spans.iter().zip(&sent) {
-                if let (Some(span), Err(e)) = (span, r) {
-                    trace::failed(span, e);
-                }
+                let Some(span) = span else { continue };
+                span.in_scope(|| match r {
+                    Ok(()) => debug!("confirmed"),
+                    Err(e) => {
+                        trace::failed(span, e);
+                        debug!(error = %e.chain(), "not confirmed");
+                    }
+                });
             }
             drop(spans);
             for (i, r) in send.into_iter().zip(sent) {

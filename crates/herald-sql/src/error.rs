@@ -14,12 +14,16 @@ pub fn db<D: Dialect>(context: &str, e: sqlx::Error) -> Error {
 }
 
 /// Whether `e` is the connection's or the pool's failure rather than the statement's: a lost
-/// connection, a pool timeout or shutdown, a crashed worker. Transient on every database; each
-/// dialect's [`Dialect::is_transient`] adds its server's codes.
+/// connection, a pool timeout or shutdown, a crashed worker, or a reply that is not the
+/// database's protocol (a connection cut during its handshake, a proxy or load balancer in
+/// between that answered for a server that is gone). Transient on every database; each
+/// dialect's [`Dialect::is_transient`] adds its server's codes. (A URL that points at something
+/// else than a database fails at start-up, where the first connection is checked.)
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
         sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed

@@ -274,10 +274,14 @@ where
     ) -> fmt::Result {
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        let ids = ctx.lookup_current().and_then(|span| {
-            let cx = tracing::dispatcher::get_default(|d| {
-                tracing_opentelemetry::get_otel_context(&span.id(), d)
-            })?;
+        // The event's span: its explicit parent, else the current one, asked of the dispatcher
+        // rather than of this layer's context, which hides spans the log filter disabled.
+        let ids = tracing::dispatcher::get_default(|d| {
+            let id = event
+                .parent()
+                .cloned()
+                .or_else(|| d.current_span().id().cloned())?;
+            let cx = tracing_opentelemetry::get_otel_context(&id, d)?;
             use opentelemetry::trace::TraceContextExt;
             let sc = cx.span().span_context().clone();
             sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
