@@ -23,6 +23,9 @@ pub struct StatusArgs {
     /// A command queue to report lag for, as SERVICE:QUEUE (repeatable).
     #[arg(long = "commands", value_name = "SERVICE:QUEUE")]
     commands: Vec<String>,
+    /// Print one JSON object (the same facts as the tables) instead of the tables.
+    #[arg(long)]
+    json: bool,
 }
 
 fn split(spec: &str) -> anyhow::Result<(String, String)> {
@@ -37,34 +40,6 @@ fn split(spec: &str) -> anyhow::Result<(String, String)> {
 pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let url = backends::parse_url("database", &args.db.database)?;
     let table = herald::Identifier::new(&args.db.table)?;
-    let db = backends::open_database(&url, None).await?;
-    let store = backends::open_store(&db, &table).await?;
-    let stats = store.stats().await?;
-    println!(
-        "{:<32} {:>10} {:>14} {:>12}",
-        "destination", "pending", "oldest age", "dead letters"
-    );
-    let (mut pending, mut dead) = (0, 0);
-    for s in &stats {
-        let age = s
-            .oldest
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
-        println!(
-            "{:<32} {:>10} {:>14} {:>12}",
-            s.destination, s.pending, age, s.dead_letters
-        );
-        pending += s.pending;
-        dead += s.dead_letters;
-    }
-    let consumer_dead = consumer_dead_letters(&db, &table).await?;
-    println!("total: pending={pending} dead_letters={dead} consumer_dead_letters={consumer_dead}");
-    print_relays(&store.relays().await?);
-
-    let Some(broker) = &args.broker else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    let broker_url = backends::parse_url("broker", broker)?;
     let mut subs = Vec::new();
     for spec in &args.events {
         let (service, topic) = split(spec)?;
@@ -74,43 +49,176 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         let (service, queue) = split(spec)?;
         subs.push(Subscription::commands(queue, service));
     }
+    let db = backends::open_database(&url, None).await?;
+    let store = backends::open_store(&db, &table).await?;
+    let stats = store.stats().await?;
+    let consumer_dead = consumer_dead_letters(&db, &table).await?;
+    let relays = store.relays().await?;
+    let groups = match &args.broker {
+        Some(broker) => Some(lags(&backends::parse_url("broker", broker)?, &subs).await?),
+        None => None,
+    };
+    if args.json {
+        let doc = json_status(&stats, consumer_dead, &relays, groups.as_deref());
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<32} {:>10} {:>14} {:>12}",
+        "destination", "pending", "oldest age", "dead letters"
+    );
+    let (mut pending, mut dead) = (0, 0);
+    for s in &stats {
+        let age = age(s.oldest).map_or_else(|| "-".to_owned(), |d| format!("{d:.1}s"));
+        println!(
+            "{:<32} {:>10} {:>14} {:>12}",
+            s.destination, s.pending, age, s.dead_letters
+        );
+        pending += s.pending;
+        dead += s.dead_letters;
+    }
+    println!("total: pending={pending} dead_letters={dead} consumer_dead_letters={consumer_dead}");
+    print_relays(&relays);
+
+    let Some(groups) = groups else {
+        return Ok(ExitCode::SUCCESS);
+    };
     println!();
     println!(
         "{:<24} {:<32} {:>10}",
         "consumer group", "destination", "lag"
     );
-    #[cfg(feature = "embedded")]
-    if broker_url.scheme() == "sqlite" && subs.is_empty() {
-        let embedded = herald::embedded::EmbeddedTransport::open(broker_url.expose()).await?;
-        for g in embedded.groups().await? {
-            println!(
-                "{:<24} {:<32} {:>10}   (parked by the broker: {})",
-                g.group, g.destination, g.lag, g.dead
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let transport = backends::open_transport(&broker_url).await?;
-    for s in &subs {
-        let lag = transport
-            .lag(s)
-            .await?
+    for g in &groups {
+        let lag = g
+            .lag
             .map_or_else(|| "unknown".to_owned(), |n| n.to_string());
-        println!("{:<24} {:<32} {:>10}", s.service, s.destination, lag);
+        match g.parked {
+            Some(parked) => println!(
+                "{:<24} {:<32} {:>10}   (parked by the broker: {parked})",
+                g.group, g.destination, lag
+            ),
+            None => println!("{:<24} {:<32} {:>10}", g.group, g.destination, lag),
+        }
     }
-    if subs.is_empty() {
+    if groups.is_empty() {
         println!("(name groups with --events SERVICE:TOPIC or --commands SERVICE:QUEUE)");
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// One consumer group's lag.
+struct Lag {
+    group: String,
+    destination: String,
+    lag: Option<u64>,
+    /// What the embedded broker parked for the group.
+    parked: Option<u64>,
+}
+
+/// The lag of `subs` on the broker at `url` (every group on the embedded broker when none is
+/// named).
+async fn lags(url: &herald::SecretUrl, subs: &[Subscription]) -> anyhow::Result<Vec<Lag>> {
+    #[cfg(feature = "embedded")]
+    if url.scheme() == "sqlite" && subs.is_empty() {
+        let embedded = herald::embedded::EmbeddedTransport::open(url.expose()).await?;
+        return Ok(embedded
+            .groups()
+            .await?
+            .into_iter()
+            .map(|g| Lag {
+                group: g.group,
+                destination: g.destination,
+                lag: Some(g.lag),
+                parked: Some(g.dead),
+            })
+            .collect());
+    }
+    let transport = backends::open_transport(url).await?;
+    let mut out = Vec::with_capacity(subs.len());
+    for s in subs {
+        out.push(Lag {
+            group: s.service.clone(),
+            destination: s.destination.clone(),
+            lag: transport.lag(s).await?,
+            parked: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Seconds since `t`, if it is in the past.
+fn age(t: Option<SystemTime>) -> Option<f64> {
+    t.and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map(|d| d.as_secs_f64())
+}
+
+fn unix(t: Option<SystemTime>) -> Option<f64> {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+}
+
+/// `herald status --json`: the tables' facts, ages in seconds, times in Unix seconds.
+fn json_status(
+    stats: &[herald::DestinationStats],
+    consumer_dead: i64,
+    relays: &[herald::RelayStatus],
+    groups: Option<&[Lag]>,
+) -> serde_json::Value {
+    use herald::RelayState;
+    use serde_json::json;
+    let destinations: Vec<_> = stats
+        .iter()
+        .map(|s| {
+            json!({
+                "destination": s.destination,
+                "pending": s.pending,
+                "oldest_pending_age_seconds": age(s.oldest),
+                "dead_letters": s.dead_letters,
+            })
+        })
+        .collect();
+    let relays: Vec<_> = relays
+        .iter()
+        .map(|r| {
+            let (state, by, ended) = match &r.state {
+                RelayState::Live => ("live", None, None),
+                RelayState::Silent => ("silent", None, None),
+                RelayState::Stopped { at } => ("stopped", None, unix(*at)),
+                RelayState::TakenOver { by, at } => ("taken_over", Some(by.clone()), unix(*at)),
+            };
+            json!({
+                "relay_id": r.relay.relay_id,
+                "host": r.relay.host,
+                "pid": r.relay.pid,
+                "state": state,
+                "taken_over_by": by,
+                "ended_at": ended,
+                "started_at": unix(r.started_at),
+                "heartbeat_at": unix(r.heartbeat_at),
+                "partitions": r.partitions,
+            })
+        })
+        .collect();
+    json!({
+        "destinations": destinations,
+        "total": {
+            "pending": stats.iter().map(|s| s.pending).sum::<u64>(),
+            "dead_letters": stats.iter().map(|s| s.dead_letters).sum::<u64>(),
+            "consumer_dead_letters": consumer_dead,
+        },
+        "relays": relays,
+        "consumer_groups": groups.map(|g| g.iter().map(|g| json!({
+            "group": g.group,
+            "destination": g.destination,
+            "lag": g.lag,
+            "parked_by_broker": g.parked,
+        })).collect::<Vec<_>>()),
+    })
+}
+
 /// How long ago `t` was, for a table cell.
 fn ago(t: Option<SystemTime>) -> String {
-    t.and_then(|t| SystemTime::now().duration_since(t).ok())
-        .map_or_else(
-            || "-".to_owned(),
-            |d| format!("{:.1}s ago", d.as_secs_f64()),
-        )
+    age(t).map_or_else(|| "-".to_owned(), |d| format!("{d:.1}s ago"))
 }
 
 /// `0-3,7` for partitions 0, 1, 2, 3 and 7.

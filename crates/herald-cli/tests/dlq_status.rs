@@ -199,5 +199,34 @@ async fn dead_letters_can_be_listed_shown_replayed_and_purged() {
             .any(|l| l.starts_with("analytics") && l.contains("orders") && l.contains(" 1 ")),
         "{status}"
     );
+    // The same facts for scripts.
+    let json: serde_json::Value = serde_json::from_str(&ok(&herald(&[
+        "status",
+        "--database",
+        &db,
+        "--broker",
+        &broker,
+        "--json",
+    ])))
+    .expect("status --json prints one JSON object");
+    assert_eq!(json["total"]["pending"], 1);
+    assert_eq!(json["total"]["dead_letters"], 0);
+    assert_eq!(json["total"]["consumer_dead_letters"], 1);
+    let orders = json["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["pending"] == 1)
+        .expect("the pending destination");
+    assert!(orders["oldest_pending_age_seconds"].as_f64().unwrap() >= 0.0);
+    let group = json["consumer_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == "analytics")
+        .expect("the analytics group");
+    assert_eq!(group["destination"], "orders");
+    assert_eq!(group["lag"], 1);
+    assert!(json["relays"].is_array());
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -286,7 +286,47 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
         let v = prometheus.value(query, long, |_| true).await;
         assert!(v >= at_least, "{query} = {v}");
     }
+    // Every query of the Grafana dashboard in docs/ is one Prometheus accepts (and, for the
+    // relay's own panels, one that finds series).
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../docs/grafana-dashboard.json")).unwrap();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$job", ".*");
+            let path = format!("/api/v1/query?query={}", encode(&expr));
+            let (status, body) = http_get(prometheus.at, &path).unwrap();
+            assert_eq!(status, 200, "{expr}: {body}");
+            queries += 1;
+        }
+    }
+    assert!(queries >= 20, "{queries} dashboard queries");
     drop(prometheus);
+    // The alert rules in docs/OPERATIONS.md pass promtool's check.
+    let doc = include_str!("../../../docs/OPERATIONS.md");
+    let rules = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|r| r.split("```").next())
+        .expect("OPERATIONS.md has the alert rules");
+    let file = std::env::temp_dir().join(format!("{}.yml", unique("herald-rules")));
+    std::fs::write(&file, rules).unwrap();
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (Debian's prometheus package) must be installed");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        checked.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     let stderr = stop(relay);
     // Every message had its publish span: continuing the row's trace where it had one.
