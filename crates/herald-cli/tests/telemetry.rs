@@ -64,18 +64,17 @@ async fn poll(
     done: impl Fn(u16, &serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + within;
-    let mut last = None;
     loop {
-        match http_get(at, path) {
+        let last = match http_get(at, path) {
             Some((status, body)) => {
                 let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
                 if done(status, &json) {
                     return json;
                 }
-                last = Some((status, json));
+                (status, json)
             }
-            None => last = Some((0, serde_json::Value::from("no answer (the relay exited?)"))),
-        }
+            None => (0, serde_json::Value::from("no answer (the relay exited?)")),
+        };
         assert!(
             Instant::now() < deadline,
             "GET {path} never gave the expected answer within {within:?}; last: {last:?}"
