@@ -105,6 +105,12 @@ impl RelayArgs {
             sample_interval: self.sample_interval,
             ..RelayConfig::default()
         };
+        if self.until_empty && self.http_addr.is_some() {
+            return Err(herald::Error::config(
+                "--http-addr serves a relay that keeps running; --until-empty drains and exits: use one or the other",
+            )
+            .into());
+        }
         for (flag, value) in [
             ("--stall-after", self.stall_after),
             ("--unreachable-after", self.unreachable_after),
@@ -365,6 +371,8 @@ async fn serve_endpoints(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on --http-addr {addr}"))?;
+    // The port the system chose, for --http-addr 127.0.0.1:0.
+    let bound = listener.local_addr().unwrap_or(addr);
     let endpoints = herald_telemetry::Endpoints::new().metrics(metrics).relay(
         relay.health(),
         relay.thresholds(args.stall_after, args.unreachable_after),
@@ -388,7 +396,7 @@ async fn serve_endpoints(
             tokio::time::sleep(every).await;
         }
     });
-    info!(%addr, "serving /metrics, /healthz and /readyz");
+    info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     Ok(Tasks(vec![server, sampler]))
 }
 

@@ -54,11 +54,14 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let stats = store.stats().await?;
     let consumer_dead = consumer_dead_letters(&db, &table).await?;
     let relays = store.relays().await?;
+    // The broker is asked before anything is printed (the JSON is one object), but a broker
+    // that fails does not hide the outbox's tables.
     let groups = match &args.broker {
-        Some(broker) => Some(lags(&backends::parse_url("broker", broker)?, &subs).await?),
+        Some(broker) => Some(lags(&backends::parse_url("broker", broker)?, &subs).await),
         None => None,
     };
     if args.json {
+        let groups = groups.transpose()?;
         let doc = json_status(&stats, consumer_dead, &relays, groups.as_deref());
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(ExitCode::SUCCESS);
@@ -80,7 +83,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("total: pending={pending} dead_letters={dead} consumer_dead_letters={consumer_dead}");
     print_relays(&relays);
 
-    let Some(groups) = groups else {
+    let Some(groups) = groups.transpose()? else {
         return Ok(ExitCode::SUCCESS);
     };
     println!();

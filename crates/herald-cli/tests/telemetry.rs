@@ -37,19 +37,29 @@ fn signal(child: &Child, sig: &str) {
         .status();
 }
 
-/// Stops the relay with SIGTERM and returns its stderr.
-fn stop(mut r: Running) -> String {
+/// Reads the child's stderr as it comes (a full pipe would block the relay).
+fn collect_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut pipe = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut err = String::new();
+        let _ = pipe.read_to_string(&mut err);
+        err
+    })
+}
+
+/// Stops the relay with SIGTERM (SIGKILL after 20 s) and returns what `log` collected.
+fn stop(mut r: Running, log: std::thread::JoinHandle<String>) -> String {
     signal(&r.0, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while r.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+    while r.0.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = r.0.kill();
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut err = String::new();
-    if let Some(mut s) = r.0.stderr.take() {
-        use std::io::Read;
-        let _ = s.read_to_string(&mut err);
-    }
-    err
+    log.join().unwrap()
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -237,6 +247,8 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
+    let mut child = child;
+    let log = collect_stderr(&mut child);
     let relay = Running(child);
     wait_empty(&db, Duration::from_secs(30)).await;
 
@@ -285,8 +297,7 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
         let v = prometheus.value(query, long, |_| true).await;
         assert!(v >= at_least, "{query} = {v}");
     }
-    // Every query of the Grafana dashboard in docs/ is one Prometheus accepts (and, for the
-    // relay's own panels, one that finds series).
+    // Every query of the Grafana dashboard in docs/ is one Prometheus accepts.
     let dashboard: serde_json::Value =
         serde_json::from_str(include_str!("../../../docs/grafana-dashboard.json")).unwrap();
     let mut queries = 0;
@@ -327,7 +338,7 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
-    let stderr = stop(relay);
+    let stderr = stop(relay, log);
     // Every message had its publish span: continuing the row's trace where it had one.
     let spans = sink
         .wait_for(Duration::from_secs(10), |s| {
@@ -338,17 +349,24 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
         .iter()
         .filter(|s| s.name == "herald.publish")
         .collect();
-    assert_eq!(publish.len(), 30, "{spans:#?}");
-    let continued: Vec<_> = publish
-        .iter()
-        .filter(|s| s.trace_id == TRACE && s.parent_span_id.as_deref() == Some(PARENT))
-        .collect();
-    assert_eq!(continued.len(), 20, "{:#?}", &publish[..2]);
-    assert_eq!(
+    // Delivery is at least once (a lease lost on a slow machine publishes again): count ids.
+    let ids = |f: &dyn Fn(&&&herald_telemetry::sink::ReceivedSpan) -> bool| {
         publish
             .iter()
-            .filter(|s| s.parent_span_id.is_none())
-            .count(),
+            .filter(f)
+            .map(|s| s.attributes["messaging.message.id"].clone())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert_eq!(ids(&|_| true), 30, "{spans:#?}");
+    assert_eq!(
+        ids(&|s| s.trace_id == TRACE && s.parent_span_id.as_deref() == Some(PARENT)),
+        20,
+        "{:#?}",
+        &publish[..2]
+    );
+    assert_eq!(
+        ids(&|s| s.parent_span_id.is_none()),
         10,
         "rows without a traceparent start a trace"
     );
@@ -363,10 +381,9 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|j| j["fields"]["message"] == "confirmed")
         .collect();
-    assert_eq!(confirmed.len(), 30, "stderr:\n{stderr}");
-    assert_eq!(
-        confirmed.iter().filter(|j| j["trace_id"] == TRACE).count(),
-        20,
+    assert!(confirmed.len() >= 30, "stderr:\n{stderr}");
+    assert!(
+        confirmed.iter().filter(|j| j["trace_id"] == TRACE).count() >= 20,
         "{:#?}",
         &confirmed[..2]
     );
@@ -376,6 +393,31 @@ async fn prometheus_reads_what_was_published_and_the_spans_continue_the_rows() {
             .all(|j| j["span_id"].as_str().is_some_and(|s| s.len() == 16))
     );
     db.drop().await;
+}
+
+/// `herald relay` on `database` and `broker`, serving its endpoints on a free port, sampling
+/// every 500 ms; output discarded.
+fn relay_serving(database: &str, broker: &str, extra: &[&str]) -> (Running, SocketAddr) {
+    let http = addr(free_port());
+    let http_arg = http.to_string();
+    let mut args = vec![
+        "relay",
+        "--database",
+        database,
+        "--broker",
+        broker,
+        "--http-addr",
+        &http_arg,
+        "--sample-interval",
+        "500ms",
+    ];
+    args.extend(extra);
+    let child = common::herald(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Running(child), http)
 }
 
 fn host_port(url: &str) -> SocketAddr {
@@ -405,29 +447,12 @@ async fn readyz_is_503_while_the_broker_accepts_and_never_answers() {
     proxy.set(Link::Blackhole);
     let topic = unique("silent");
     insert(&db, &topic, "event", 3, None).await;
-    let http = addr(free_port());
-    let http_arg = http.to_string();
     let broker = through(&amqp_url(), proxy.addr());
-    let child = common::herald(&[
-        "relay",
-        "--database",
+    let (_relay, http) = relay_serving(
         &db.url,
-        "--broker",
         &broker,
-        "--http-addr",
-        &http_arg,
-        "--publish-timeout",
-        "2s",
-        "--unreachable-after",
-        "2s",
-        "--sample-interval",
-        "500ms",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _relay = Running(child);
+        &["--publish-timeout", "2s", "--unreachable-after", "2s"],
+    );
 
     let body = poll(http, "/readyz", Duration::from_secs(60), |status, body| {
         status == 503 && reasons(body).contains(&"broker".to_owned())
@@ -462,27 +487,8 @@ async fn readyz_is_503_while_the_broker_accepts_and_never_answers() {
 async fn readyz_is_503_while_the_database_is_cut_off() {
     let db = Db::new().await;
     let proxy = ChaosProxy::start(host_port(&pg_url())).await.unwrap();
-    let http = addr(free_port());
-    let http_arg = http.to_string();
     let database = through(&db.url, proxy.addr());
-    let child = common::herald(&[
-        "relay",
-        "--database",
-        &database,
-        "--broker",
-        &amqp_url(),
-        "--http-addr",
-        &http_arg,
-        "--unreachable-after",
-        "2s",
-        "--sample-interval",
-        "500ms",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _relay = Running(child);
+    let (_relay, http) = relay_serving(&database, &amqp_url(), &["--unreachable-after", "2s"]);
     poll(http, "/readyz", Duration::from_secs(30), |status, _| {
         status == 200
     })
@@ -513,26 +519,11 @@ async fn readyz_is_503_while_the_outbox_stalls_and_metrics_show_why() {
     // A command whose owner has not declared its queue: refused, retried, never published.
     let queue = unique("unowned");
     insert(&db, &queue, "command", 1, None).await;
-    let http = addr(free_port());
-    let http_arg = http.to_string();
-    let child = relay(
-        &db,
-        &[
-            "--http-addr",
-            &http_arg,
-            "--stall-after",
-            "2s",
-            "--sample-interval",
-            "500ms",
-            "--retry-delay-max",
-            "1s",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let _relay = Running(child);
+    let (_relay, http) = relay_serving(
+        &db.url,
+        &amqp_url(),
+        &["--stall-after", "2s", "--retry-delay-max", "1s"],
+    );
     let body = poll(http, "/readyz", Duration::from_secs(30), |status, body| {
         status == 503 && reasons(body) == ["stalled"]
     })

@@ -106,8 +106,8 @@ pub struct ConsumerConfig {
     /// so each key's messages are still applied one at a time, in order; unkeyed messages go
     /// round-robin. Default 1.
     pub concurrency: usize,
-    /// How often the group's lag is read from the broker for `herald_consumer_lag_messages`.
-    /// Default 10 s.
+    /// How often the group's lag is read from the broker for `herald_consumer_lag_messages`
+    /// (on RabbitMQ and Kafka each read opens a connection or a client). Default 30 s.
     pub lag_interval: Duration,
 }
 
@@ -129,7 +129,7 @@ impl Default for ConsumerConfig {
             inbox_retention: Duration::from_secs(7 * 24 * 3600),
             housekeeping_every: Duration::from_secs(1),
             concurrency: 1,
-            lag_interval: Duration::from_secs(10),
+            lag_interval: Duration::from_secs(30),
         }
     }
 }

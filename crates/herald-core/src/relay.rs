@@ -1197,6 +1197,7 @@ impl Relay {
         };
         let now = std::time::SystemTime::now();
         let (mut pending, mut oldest, mut dead) = (0u64, None::<Duration>, 0u64);
+        let mut oldest_created = None::<std::time::SystemTime>;
         let mut current = HashSet::with_capacity(stats.len());
         for d in stats {
             // A clock behind the database's reads as age zero, not as a negative age.
@@ -1209,6 +1210,10 @@ impl Relay {
             dead += d.dead_letters;
             if d.pending > 0 {
                 oldest = oldest.max(age);
+                oldest_created = match (oldest_created, d.oldest) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
             }
             current.insert(d.destination);
         }
@@ -1219,7 +1224,7 @@ impl Relay {
         }
         *seen = current;
         metrics::gauge!(names::DEAD_LETTERS, "side" => "outbox").set(dead as f64);
-        health.sampled(pending, oldest);
+        health.sampled(pending, oldest, oldest_created);
     }
 
     /// Asks the broker whether it answers, unless a publish heard from it within `quiet`.

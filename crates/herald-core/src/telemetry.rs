@@ -160,6 +160,8 @@ pub fn describe() {
 struct Link {
     ok_at: Option<Instant>,
     failing_since: Option<Instant>,
+    /// The last failure (not the first, as `failing_since`).
+    failed_at: Option<Instant>,
     error: Option<String>,
 }
 
@@ -175,6 +177,7 @@ impl Link {
     fn failed(&mut self, started: Instant, error: String) {
         let since = self.ok_at.map_or(started, |ok| ok.max(started));
         self.failing_since.get_or_insert(since);
+        self.failed_at = Some(Instant::now());
         self.error = Some(error);
     }
 }
@@ -185,9 +188,11 @@ struct State {
     broker: Link,
     /// The last time the relay confirmed (or dead-lettered) something, or found nothing to do.
     progress_at: Option<Instant>,
-    /// From the last outbox sample: rows waiting, and the oldest one's age at `sampled_at`.
+    /// From the last outbox sample: rows waiting, and the oldest one's age at `sampled_at` and
+    /// creation time.
     pending: Option<u64>,
     oldest: Option<Duration>,
+    oldest_created: Option<std::time::SystemTime>,
     sampled_at: Option<Instant>,
     /// Partitions held and of how many.
     held: (usize, u32),
@@ -290,9 +295,10 @@ impl Health {
         });
     }
 
-    /// When the broker was last heard from (or last failed), to decide whether to probe it.
+    /// When the broker last answered or last failed a call, to decide whether to probe it: while
+    /// publishes keep failing, a check that happens to pass must not hide the outage.
     pub(crate) fn broker_seen(&self) -> Option<Instant> {
-        self.with(|s| s.broker.ok_at.max(s.broker.failing_since))
+        self.with(|s| s.broker.ok_at.max(s.broker.failed_at))
     }
 
     pub(crate) fn progress(&self) {
@@ -300,16 +306,26 @@ impl Health {
         self.with(|s| s.progress_at = Some(now));
     }
 
-    pub(crate) fn sampled(&self, pending: u64, oldest: Option<Duration>) {
+    /// An outbox sample: rows waiting, the oldest one's age and creation time.
+    pub(crate) fn sampled(
+        &self,
+        pending: u64,
+        oldest: Option<Duration>,
+        oldest_created: Option<std::time::SystemTime>,
+    ) {
         let now = Instant::now();
         self.with(|s| {
-            s.pending = Some(pending);
-            s.oldest = oldest;
-            s.sampled_at = Some(now);
-            // Nothing waiting is not a stall, however long ago the last publish was.
-            if pending == 0 {
+            // Nothing waiting is not a stall, however long ago the last publish was; and a head
+            // that moved on (the oldest row is younger than before) was published by someone,
+            // this relay or another one sharing the outbox.
+            let moved = matches!((s.oldest_created, oldest_created), (Some(a), Some(b)) if b > a);
+            if pending == 0 || moved {
                 s.progress_at = Some(now);
             }
+            s.pending = Some(pending);
+            s.oldest = oldest;
+            s.oldest_created = oldest_created;
+            s.sampled_at = Some(now);
         });
     }
 
@@ -407,7 +423,11 @@ impl Health {
                     });
                 }
             }
-            if let (Some(oldest), Some(progress)) = (oldest_now(s, now), s.progress_at) {
+            // A relay holding no partition (others hold them all) has nothing it could publish.
+            let standby = s.held.0 == 0 && s.held.1 > 0;
+            if let (Some(oldest), Some(progress), false) =
+                (oldest_now(s, now), s.progress_at, standby)
+            {
                 let idle = now - progress;
                 if oldest > t.stall_after && idle > t.stall_after {
                     reasons.push(Reason {
@@ -454,7 +474,8 @@ mod tests {
         h.started(2);
         h.database(Instant::now(), Ok(()));
         h.broker(Instant::now(), Ok(()));
-        h.sampled(3, Some(Duration::from_secs(1)));
+        h.held(16, 16);
+        h.sampled(3, Some(Duration::from_secs(1)), Some(std::time::UNIX_EPOCH));
         assert!(h.readiness(&t).is_ok());
 
         // A broker failing for less than the threshold is not yet a reason.
@@ -486,6 +507,25 @@ mod tests {
             ["stalled"]
         );
         assert!(h.liveness(&t).is_ok());
+        // A standby relay (it holds no partition) is not the one stalled.
+        h.held(0, 16);
+        assert!(h.readiness(&t).is_ok(), "a standby relay reports no stall");
+        h.held(16, 16);
+        assert_eq!(h.readiness(&t).reasons[0].check, "stalled");
+        // Another relay publishing the head (the oldest row is now a younger one) is progress.
+        h.sampled(
+            3,
+            Some(Duration::from_secs(1)),
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(1)),
+        );
+        assert!(h.readiness(&t).is_ok(), "a head that moved is progress");
+        for _ in 0..7 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            h.heartbeat_turned();
+            h.worker_turned(0);
+            h.worker_turned(1);
+        }
+        assert_eq!(h.readiness(&t).reasons[0].check, "stalled");
         h.progress();
         assert!(h.readiness(&t).is_ok(), "progress ends the stall");
 
@@ -499,7 +539,7 @@ mod tests {
         assert!(r.reasons[0].message.starts_with("worker 1"));
         // An empty outbox is never a stall.
         h.worker_turned(1);
-        h.sampled(0, None);
+        h.sampled(0, None, None);
         assert!(h.readiness(&t).is_ok());
     }
 }

@@ -32,9 +32,11 @@ pub const TRACESTATE: &str = "tracestate";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Turns the relay's per-message `herald.publish` spans on. `herald_telemetry::init` calls it
-/// when it installs an OpenTelemetry layer; call it yourself if you install your own
-/// `tracing-opentelemetry` layer. Consumers' spans and the enqueue capture need no switch.
+/// Says that spans are exported: the relay's per-message `herald.publish` spans are created,
+/// and outbox writers and handlers put the current span's context in what they send.
+/// `herald_telemetry` calls it when it exports over OTLP; call it yourself if you install your
+/// own `tracing-opentelemetry` layer. Until then messages keep the trace context they came
+/// with (a span that is never exported must not become anyone's parent).
 pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
@@ -192,19 +194,26 @@ tokio::task_local! {
 
 impl Cause {
     /// The cause that `m` is for what its handler sends: its id, its correlation id (or its id),
-    /// its trace context.
+    /// its trace context. Only values the relay would publish are carried on: a correlation id
+    /// with a control character or over 256 bytes is replaced by the id, a `tracestate` that is
+    /// not W3C is dropped (whoever wrote the incoming message may have written anything).
     pub fn of(m: &Message) -> Cause {
         let id = m.id.to_string();
         let valid_tp = m
             .header(TRACEPARENT)
             .filter(|tp| parse_traceparent(tp, None).is_some());
+        let sane = |v: &&str| !v.is_empty() && v.len() <= 256 && !v.chars().any(char::is_control);
         Cause {
             correlation: m
                 .header(CORRELATION_ID)
+                .filter(sane)
                 .map_or_else(|| id.clone(), str::to_owned),
             id,
             traceparent: valid_tp.map(str::to_owned),
-            tracestate: valid_tp.and(m.header(TRACESTATE)).map(str::to_owned),
+            tracestate: valid_tp
+                .and(m.header(TRACESTATE))
+                .filter(|s| sane(s) && s.parse::<TraceState>().is_ok())
+                .map(str::to_owned),
         }
     }
 
@@ -214,14 +223,14 @@ impl Cause {
     }
 }
 
-/// The headers `m` should be written with: `traceparent`/`tracestate` of the current span (or of
-/// the message being handled, when no OpenTelemetry span is current) unless `m` has a
+/// The headers `m` should be written with: `traceparent`/`tracestate` of the current span (when
+/// spans are exported, see [`enable`]; else of the message being handled) unless `m` has a
 /// `traceparent`, and `correlationid`/`causationid` of the message being handled unless `m` sets
 /// them. `None` when nothing changes (the common case without tracing or a cause).
 pub fn stamp(m: &Message) -> Option<BTreeMap<String, String>> {
     let cause = CAUSE.try_with(Cause::clone).ok();
     let has_tp = m.headers.contains_key(TRACEPARENT);
-    let current = if has_tp {
+    let current = if has_tp || !enabled() {
         None
     } else {
         span_context(&Span::current())
@@ -316,5 +325,17 @@ mod tests {
             !headers.contains_key(TRACEPARENT),
             "an invalid traceparent is not copied on"
         );
+
+        // A correlation id the relay would refuse is not copied on; the cause's id stands in.
+        let hostile = Message::command("billing", "ChargeCard", b"{}".to_vec())
+            .with_header(TRACEPARENT, TP)
+            .with_header(TRACESTATE, "not a\ttracestate")
+            .with_header(CORRELATION_ID, "line\nbreak");
+        let headers = Cause::of(&hostile)
+            .scope(async { stamp(&outgoing).expect("stamped") })
+            .await;
+        assert_eq!(headers[CORRELATION_ID], hostile.id.to_string());
+        assert!(!headers.contains_key(TRACESTATE));
+        assert_eq!(headers[TRACEPARENT], TP);
     }
 }

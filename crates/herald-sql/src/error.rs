@@ -4,26 +4,27 @@ use herald_core::{BoxError, Error};
 
 use crate::Dialect;
 
-/// Wraps a sqlx error, transient as the dialect classifies it.
+/// Wraps a sqlx error of herald's own statements, transient as the dialect classifies it. A
+/// reply that is not the database's protocol is transient here too: herald's statements are
+/// bounded (they never hit a driver limit such as 65535 parameters), so it can only be a
+/// connection cut during its handshake, or a proxy or load balancer in between that answered for
+/// a server that is gone. (A URL that points at something else than a database fails at
+/// start-up, where the first connection is checked.)
 pub fn db<D: Dialect>(context: &str, e: sqlx::Error) -> Error {
     Error::Database {
         context: context.to_owned(),
-        transient: D::is_transient(&e),
+        transient: D::is_transient(&e) || matches!(e, sqlx::Error::Protocol(_)),
         source: Box::new(e),
     }
 }
 
 /// Whether `e` is the connection's or the pool's failure rather than the statement's: a lost
-/// connection, a pool timeout or shutdown, a crashed worker, or a reply that is not the
-/// database's protocol (a connection cut during its handshake, a proxy or load balancer in
-/// between that answered for a server that is gone). Transient on every database; each
-/// dialect's [`Dialect::is_transient`] adds its server's codes. (A URL that points at something
-/// else than a database fails at start-up, where the first connection is checked.)
+/// connection, a pool timeout or shutdown, a crashed worker. Transient on every database; each
+/// dialect's [`Dialect::is_transient`] adds its server's codes.
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
         sqlx::Error::Io(_)
-            | sqlx::Error::Protocol(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed

@@ -63,7 +63,7 @@ impl<D: Dialect> OutboxWriter<D> {
         // Refuse here what the relay would dead-letter: the producer hears of it at once.
         message.check_cloudevents().map_err(Error::unpublishable)?;
         // The caller's trace context, and the cause when a handler sends this (see
-        // `herald_core::trace::stamp`).
+        // `herald_core::trace::stamp`, which copies only values the relay accepts).
         let stamped = herald_core::trace::stamp(message);
         let headers = serde_json::to_string(stamped.as_ref().unwrap_or(&message.headers))
             .map_err(|e| Error::unpublishable(format!("headers do not serialise as JSON: {e}")))?;

@@ -31,7 +31,7 @@
 mod http;
 mod logs;
 mod otlp;
-mod process;
+pub mod process;
 mod prometheus;
 #[cfg(feature = "otlp")]
 pub mod sink;

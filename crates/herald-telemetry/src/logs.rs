@@ -7,7 +7,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -161,7 +161,7 @@ impl Builder {
         let otel = provider.as_ref().map(|p| {
             tracing_opentelemetry::layer()
                 .with_tracer(p.tracer("herald"))
-                .with_filter(spans_filter)
+                .with_filter(spans_filter.and(filter_fn(|m| m.is_span())))
         });
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let fmt = match self.format {
@@ -183,7 +183,9 @@ impl Builder {
             .with(capped_crates())
             .try_init()
             .map_err(|_| Error::AlreadyInstalled("a tracing subscriber"))?;
-        if provider.is_some() && self.spans_on {
+        // Spans are only made parents of what herald sends when they are exported; with JSON
+        // logs alone they exist for their ids in the log lines.
+        if exporting.is_some() && self.spans_on {
             herald_core::trace::enable();
         }
         if let Some(otlp) = &exporting {
@@ -231,7 +233,7 @@ impl Telemetry {
             } else {
                 LevelFilter::OFF
             };
-            if handle.modify(|f| *f = level).is_ok() {
+            if handle.modify(|f| *f = level).is_ok() && self.exporting.is_some() {
                 herald_core::trace::set_enabled(on);
             }
         }

@@ -8,7 +8,8 @@
 //! | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | the resource (service name default: the caller's) |
 //! | `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG` | sampling (default: parent-based, always on) |
 //! | `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` | read by the exporter itself |
-//! | `OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none` | tracing off |
+//! | `OTEL_TRACES_EXPORTER` | `otlp` (also in a list) turns tracing on, at `http://localhost:4318` (or `:4317` for gRPC) when no endpoint is set; `none` turns it off; any other exporter is refused at start-up |
+//! | `OTEL_SDK_DISABLED=true` | tracing off |
 //!
 //! This build speaks plain `http://` to the endpoint (no TLS provider is compiled in): point it
 //! at a collector beside the process.
@@ -48,20 +49,26 @@ impl OtlpConfig {
         if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
             return Ok(None);
         }
-        match var("OTEL_TRACES_EXPORTER").as_deref().map(str::trim) {
-            None | Some("otlp") => {}
-            Some("none") => return Ok(None),
-            Some(other) => {
+        // A comma-separated list (the spec's); `otlp` among them turns it on.
+        let exporters: Option<Vec<String>> = var("OTEL_TRACES_EXPORTER").map(|v| {
+            v.split(',')
+                .map(|e| e.trim().to_ascii_lowercase())
+                .filter(|e| !e.is_empty())
+                .collect()
+        });
+        let asked = match &exporters {
+            None => false,
+            Some(list) if list.iter().any(|e| e == "otlp") => true,
+            Some(list) if list.iter().all(|e| e == "none") => return Ok(None),
+            Some(list) => {
                 return Err(Error::Config(format!(
-                    "OTEL_TRACES_EXPORTER={other:?}: this build exports traces with otlp only (or none)"
+                    "OTEL_TRACES_EXPORTER={}: this build exports traces with otlp only (or none)",
+                    list.join(",")
                 )));
             }
-        }
-        let Some(endpoint) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
-        else {
-            return Ok(None);
         };
+        let endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"));
         let (name, protocol) = match var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
             Some(p) => ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", Some(p)),
             None => (
@@ -69,7 +76,7 @@ impl OtlpConfig {
                 var("OTEL_EXPORTER_OTLP_PROTOCOL"),
             ),
         };
-        let protocol = match protocol.as_deref().map(str::trim) {
+        let protocol = match protocol.map(|p| p.trim().to_ascii_lowercase()).as_deref() {
             None | Some("http/protobuf") => Protocol::HttpProtobuf,
             Some("grpc") => Protocol::Grpc,
             Some(other) => {
@@ -77,6 +84,13 @@ impl OtlpConfig {
                     "{name}={other:?}: use grpc or http/protobuf (http/json is not built in)"
                 )));
             }
+        };
+        // Without an endpoint, tracing is off unless asked for by name; then the spec's default.
+        let endpoint = match (endpoint, asked, protocol) {
+            (Some(e), _, _) => e,
+            (None, false, _) => return Ok(None),
+            (None, true, Protocol::Grpc) => "http://localhost:4317".to_owned(),
+            (None, true, Protocol::HttpProtobuf) => "http://localhost:4318".to_owned(),
         };
         let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
         if !scheme_ok {
@@ -139,7 +153,12 @@ impl OtlpConfig {
 /// `service.name=<service_name>`.
 pub(crate) fn resource(service_name: &str) -> Resource {
     let named = var("OTEL_SERVICE_NAME").is_some()
-        || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+        || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
+            a.split(',').any(|kv| {
+                kv.split_once('=')
+                    .is_some_and(|(k, _)| k.trim() == "service.name")
+            })
+        });
     let builder = Resource::builder();
     if named {
         builder.build()

@@ -5,17 +5,24 @@ use std::fmt::Write;
 /// Linux reports CPU times in clock ticks of `USER_HZ`, 100 on every architecture it supports.
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// Appends the process metrics to `out`, skipping any that cannot be read.
-pub(crate) fn render(out: &mut String) {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+/// Field `n` (1-based, as `man 5 proc` numbers them) of `/proc/self/stat`.
+fn stat_field(stat: &str, n: usize) -> Option<f64> {
     // Fields after the command name (which may hold spaces and parentheses): the 3rd field of
     // the line is the first after the last ')'.
-    let fields: Vec<&str> = stat
-        .as_deref()
-        .and_then(|s| s.rsplit_once(')'))
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// CPU time (user and system) this process has used, in seconds (Linux only).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    Some((stat_field(&stat, 14)? + stat_field(&stat, 15)?) / TICKS_PER_SECOND)
+}
+
+/// Appends the process metrics to `out`, skipping any that cannot be read.
+pub(crate) fn render(out: &mut String) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let field = |n: usize| stat_field(&stat, n);
     if let (Some(utime), Some(stime)) = (field(14), field(15)) {
         metric(
             out,

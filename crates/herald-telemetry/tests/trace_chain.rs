@@ -18,13 +18,11 @@ use herald::{
 };
 use herald_telemetry::sink::{ReceivedSpan, Sink};
 use herald_telemetry::{OtlpConfig, Protocol, Telemetry};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tracing::Instrument;
 
-fn pg_url() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
+#[path = "../../herald-testkit/support/pg_schema.rs"]
+mod pg_schema;
 
 fn amqp_url() -> String {
     std::env::var("HERALD_TEST_AMQP")
@@ -100,17 +98,8 @@ async fn one_trace_from_the_producer_to_the_follow_up_command_s_handler() {
         .init()
         .unwrap();
 
-    let schema = herald_testkit::unique("herald_trace");
-    let admin = PgPool::connect(&pg_url())
-        .await
-        .expect("PostgreSQL must be running (see .ci/run)");
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let pool = PgPool::connect(&format!("{}?options[search_path]={schema}", pg_url()))
-        .await
-        .unwrap();
+    let schema = pg_schema::create("herald_trace").await;
+    let pool = PgPool::connect(&pg_schema::url_of(&schema)).await.unwrap();
     let table = Identifier::new("herald_outbox").unwrap();
     migrate(&pool, &table).await.unwrap();
 
@@ -233,9 +222,6 @@ async fn one_trace_from_the_producer_to_the_follow_up_command_s_handler() {
     tokio::task::spawn_blocking(move || telemetry.shutdown())
         .await
         .unwrap();
+    pg_schema::drop_schema(&pool, &schema).await;
     pool.close().await;
-    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
-        .execute(&admin)
-        .await
-        .unwrap();
 }

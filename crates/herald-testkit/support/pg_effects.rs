@@ -4,23 +4,15 @@
 use herald_postgres::PgDialect;
 use herald_testkit::sql_effects::SqlEffects;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgPool};
+
+#[path = "pg_schema.rs"]
+mod pg_schema;
 
 pub type PgEffects = SqlEffects<PgDialect>;
 
 pub async fn open() -> PgEffects {
-    let url = std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let schema = herald_testkit::unique("herald_consumer_test");
-    let admin = PgPool::connect(&url)
-        .await
-        .expect("PostgreSQL must be running (see .ci/run)");
-    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let opts: PgConnectOptions = url.parse().unwrap();
+    let schema = pg_schema::create("herald_consumer_test").await;
+    let opts: PgConnectOptions = pg_schema::server_url().parse().unwrap();
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect_with(opts.options([("search_path", schema.as_str())]))

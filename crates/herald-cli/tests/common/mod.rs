@@ -4,12 +4,16 @@
 
 use std::process::Command;
 
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
+
+pub use herald_testkit::unique;
+
+#[path = "../../../herald-testkit/support/pg_schema.rs"]
+mod pg_schema;
 
 /// PostgreSQL (`HERALD_TEST_POSTGRES`).
 pub fn pg_url() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    pg_schema::server_url()
 }
 
 /// RabbitMQ (`HERALD_TEST_AMQP`).
@@ -34,10 +38,6 @@ pub fn nats_url() -> String {
     std::env::var("HERALD_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", uuid::Uuid::new_v4().as_u64_pair().0)
-}
-
 /// A fresh schema with herald's tables, a pool in it, and the URL the binary should use.
 pub struct Db {
     pub pool: PgPool,
@@ -47,16 +47,8 @@ pub struct Db {
 
 impl Db {
     pub async fn new() -> Db {
-        let schema = unique("herald_cli_test");
-        let admin = PgPool::connect(&pg_url())
-            .await
-            .expect("PostgreSQL must be running (see .ci/run)");
-        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let url = format!("{}?options[search_path]={schema}", pg_url());
+        let schema = pg_schema::create("herald_cli_test").await;
+        let url = pg_schema::url_of(&schema);
         let pool = PgPool::connect(&url).await.unwrap();
         let out = herald(&["migrate", "--database", &url]).output().unwrap();
         assert!(
@@ -95,13 +87,7 @@ impl Db {
     }
 
     pub async fn drop(self) {
-        sqlx::query(AssertSqlSafe(format!(
-            "DROP SCHEMA \"{}\" CASCADE",
-            self.schema
-        )))
-        .execute(&self.pool)
-        .await
-        .unwrap();
+        pg_schema::drop_schema(&self.pool, &self.schema).await;
         self.pool.close().await;
     }
 }

@@ -135,8 +135,14 @@ impl Report {
                 );
             }
             println!(
-                "telemetry on / off: {:.0}% ({} of {} spans reached the local OTLP sink; one /metrics scrape: {} bytes)",
+                "telemetry on / off: {:.0}% of the throughput, {} of the CPU per message ({}; {} of {} spans reached the local OTLP sink; one /metrics scrape: {} bytes)",
                 t.ratio * 100.0,
+                t.cpu_ratio
+                    .map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0)),
+                match (t.off.cpu_us_per_message, t.on.cpu_us_per_message) {
+                    (Some(a), Some(b)) => format!("{a:.1} vs {b:.1} us"),
+                    _ => "not measured".to_owned(),
+                },
                 t.spans_received,
                 t.on.count,
                 t.scrape_bytes

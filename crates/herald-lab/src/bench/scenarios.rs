@@ -102,6 +102,9 @@ pub struct Rate {
     /// The bench process's peak resident memory during the scenario (Linux), where measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_bytes: Option<u64>,
+    /// CPU time the bench process used per message during the scenario, microseconds (Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_message: Option<f64>,
     /// What the relay alone cost PostgreSQL per message during the scenario.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_db_cost: Option<RelayCost>,
@@ -124,6 +127,7 @@ impl Rate {
             seconds,
             per_second: count as f64 / seconds.max(1e-9),
             peak_rss_bytes: None,
+            cpu_us_per_message: None,
             relay_db_cost: None,
         }
     }
@@ -228,8 +232,12 @@ pub struct TelemetryCost {
     /// Prometheus recorder installed and every metric recorded; a `herald.publish` span per
     /// message, exported over OTLP/gRPC to a local sink.
     pub on: Rate,
-    /// `on` / `off`.
+    /// `on` / `off` throughput.
     pub ratio: f64,
+    /// `on` / `off` CPU time per message of the bench process (the relay, the in-process
+    /// databases and broker where they are, and the OTLP sink while on): steadier than the
+    /// throughput on a busy machine.
+    pub cpu_ratio: Option<f64>,
     /// Spans the sink received during the `on` drain (the batch exporter drops spans its
     /// queue cannot hold, as OpenTelemetry SDKs do, rather than slow the relay down).
     pub spans_received: u64,
@@ -260,6 +268,10 @@ pub async fn telemetry_cost(env: &Env, n: u64, o: super::Observed<'_>) -> Result
     let scrape_bytes = metrics.render().len();
     Ok(TelemetryCost {
         ratio: on.per_second / off.per_second.max(f64::MIN_POSITIVE),
+        cpu_ratio: on
+            .cpu_us_per_message
+            .zip(off.cpu_us_per_message)
+            .map(|(a, b)| a / b.max(f64::MIN_POSITIVE)),
         off: Rate {
             name: "drain, telemetry off".to_owned(),
             ..off
@@ -296,6 +308,7 @@ async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) ->
         })
     };
     let started = Instant::now();
+    let cpu_before = herald_telemetry::process::cpu_seconds();
     let deadline = started + Duration::from_secs(600);
     loop {
         let published = relay.counters().published.load(Ordering::Relaxed);
@@ -309,6 +322,9 @@ async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) ->
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_before
+        .zip(herald_telemetry::process::cpu_seconds())
+        .map(|(b, a)| (a - b) * 1e6 / n.max(1) as f64);
     let _ = stop_tx.send(true);
     runner.await??;
     let peak = peak_rss();
@@ -321,6 +337,7 @@ async fn drain_to(env: &Env, n: u64, broker: Arc<dyn Transport>, label: &str) ->
     }
     let mut rate = Rate::new("drain (outbox to broker)", n, elapsed);
     rate.peak_rss_bytes = peak;
+    rate.cpu_us_per_message = cpu;
     if let (Some(b), Some(a)) = (before, after) {
         let per = |x: i64| x as f64 / n.max(1) as f64;
         rate.relay_db_cost = Some(RelayCost {
