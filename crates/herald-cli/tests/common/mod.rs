@@ -6,6 +6,7 @@ use std::process::Command;
 
 use sqlx::PgPool;
 
+#[allow(unused_imports)]
 pub use herald_testkit::unique;
 
 #[path = "../../../herald-testkit/support/pg_schema.rs"]
