@@ -197,18 +197,6 @@ impl KafkaTransport {
             .create()
             .map_err(|e| Error::config(format!("cannot configure a Kafka consumer: {e}")))
     }
-
-    fn partitions_of(&self, consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
-        let meta = consumer
-            .fetch_metadata(Some(topic), META_TIMEOUT)
-            .map_err(|e| kafka_err("reading topic metadata", e))?;
-        Ok(meta
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect())
-    }
 }
 
 /// A record the broker refused for good (too large, invalid, not allowed) versus an unknown
@@ -319,7 +307,7 @@ impl Transport for KafkaTransport {
         let topic = wire::topic(s.kind, &s.destination);
         self.ensure_topic(&topic).await?;
         let consumer = self.admin_consumer(&s.service)?;
-        let partitions = self.partitions_of(&consumer, &topic)?;
+        let partitions = partitions_of(&consumer, &topic)?;
         let mut tpl = TopicPartitionList::new();
         match from {
             ReplayFrom::Seq(n) => {
@@ -413,29 +401,10 @@ impl Transport for KafkaTransport {
     async fn lag(&self, s: &Subscription) -> Result<Option<u64>> {
         let topic = wire::topic(s.kind, &s.destination);
         let consumer = self.admin_consumer(&s.service)?;
-        let partitions = self.partitions_of(&consumer, &topic)?;
-        if partitions.is_empty() {
-            return Ok(None);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition(&topic, *p);
-        }
-        let committed = consumer
-            .committed_offsets(tpl, META_TIMEOUT)
-            .map_err(|e| kafka_err("reading committed offsets", e))?;
-        let mut lag = 0u64;
-        for e in committed.elements() {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, e.partition(), META_TIMEOUT)
-                .map_err(|e| kafka_err("reading offsets", e))?;
-            let at = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => low,
-            };
-            lag += (high - at).max(0) as u64;
-        }
-        Ok(Some(lag))
+        // librdkafka's calls block (up to their timeout each): off the async workers.
+        tokio::task::spawn_blocking(move || group_lag(&consumer, &topic))
+            .await
+            .map_err(|e| Error::unavailable("Kafka (reading the lag)", e))?
     }
 
     async fn durability_warnings(&self) -> Result<Vec<String>> {
@@ -578,4 +547,43 @@ impl Subscriber for KafkaSubscriber {
         self.next_offset.insert(partition, offset);
         Ok(())
     }
+}
+
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
+    let meta = consumer
+        .fetch_metadata(Some(topic), META_TIMEOUT)
+        .map_err(|e| kafka_err("reading topic metadata", e))?;
+    Ok(meta
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
+/// The lag of `consumer`'s group on `topic`: what is past its committed offsets. Blocking.
+fn group_lag(consumer: &BaseConsumer, topic: &str) -> Result<Option<u64>> {
+    let partitions = partitions_of(consumer, topic)?;
+    if partitions.is_empty() {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, META_TIMEOUT)
+        .map_err(|e| kafka_err("reading committed offsets", e))?;
+    let mut lag = 0u64;
+    for e in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, e.partition(), META_TIMEOUT)
+            .map_err(|e| kafka_err("reading offsets", e))?;
+        let at = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        lag += (high - at).max(0) as u64;
+    }
+    Ok(Some(lag))
 }

@@ -53,6 +53,8 @@ pub fn capped_crates() -> Targets {
         .with_target("hyper_util", LevelFilter::WARN)
         .with_target("reqwest", LevelFilter::WARN)
         .with_target("opentelemetry_sdk", LevelFilter::WARN)
+        .with_target("opentelemetry-otlp", LevelFilter::WARN)
+        .with_target("opentelemetry", LevelFilter::WARN)
 }
 
 /// The installed telemetry. Call [`shutdown`](Self::shutdown) before the process exits (and
