@@ -48,7 +48,6 @@ pub struct ReceivedSpan {
 #[derive(Default)]
 struct Received {
     spans: Mutex<Vec<ReceivedSpan>>,
-    requests: Mutex<u64>,
 }
 
 impl Received {
@@ -84,7 +83,6 @@ impl Received {
                 }
             }
         }
-        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         self.spans
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -202,15 +200,6 @@ impl Sink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// How many export requests arrived.
-    pub fn requests(&self) -> u64 {
-        *self
-            .received
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits until `done` holds for the spans received, or `within` passes; returns the spans.
