@@ -276,19 +276,10 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let hook = failpoint_hook(crash.as_ref());
-    for w in store
-        .durability_warnings()
-        .await
-        .context("checking the database's durability settings")?
-    {
-        warn!("{w}");
-    }
-    for w in transport.durability_warnings().await.unwrap_or_default() {
-        warn!("{w}");
-    }
     info!(database = %db_url, broker = %transport.describe(), table = %table, relay = %config.relay_id, "relay starting");
 
     let relay = Relay::with_failpoint(store.clone(), transport, config, hook)?;
+    relay.warn_durability().await;
     let _endpoints = match args.http_addr {
         Some(addr) => Some(serve_endpoints(&args, addr, &relay, &db, &table).await?),
         None => None,

@@ -242,6 +242,11 @@ impl Consumer {
         })
     }
 
+    /// What this consumer subscribes to.
+    pub fn subscription(&self) -> &Subscription {
+        &self.inner.subscription
+    }
+
     /// Totals since start.
     pub fn counters(&self) -> &ConsumerCounters {
         &self.inner.counters
@@ -345,7 +350,10 @@ impl Consumer {
                     attempts += 1;
                     self.inner.counters.failures.fetch_add(1, Ordering::Relaxed);
                     let reason = e.chain();
-                    if attempts >= cfg.max_attempts {
+                    // A payload that does not decode into the handler's type decodes no better
+                    // next time: parked at once, with serde's reason.
+                    let undecodable = matches!(e, Error::Decode { .. } | Error::Unhandled { .. });
+                    if attempts >= cfg.max_attempts || undecodable {
                         trace::failed(span, &e);
                         warn!(service, id = %d.message.id, attempts, %reason, "handler keeps failing; dead-lettering");
                         self.retry_transient(|| {

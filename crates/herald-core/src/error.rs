@@ -84,6 +84,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A consumer received a message type it has no handler for, under a rule that parks those
+    /// (commands, by default: every command sent to a queue is its owner's to handle). Parked at
+    /// once; replay it (`herald dlq replay`) once a handler is deployed.
+    #[error("no handler for message type {message_type:?}; this service handles {handled}")]
+    Unhandled {
+        /// The message's type (at most 80 characters of it).
+        message_type: String,
+        /// The types it does handle, comma-separated.
+        handled: String,
+    },
+
     /// A consumer's handler failed. Retried up to the consumer's attempt limit, then the message is
     /// dead-lettered with this error as the reason.
     #[error("handler failed")]
@@ -113,6 +124,7 @@ impl Error {
             | Error::Rejected { .. }
             | Error::Unpublishable { .. }
             | Error::Decode { .. }
+            | Error::Unhandled { .. }
             | Error::Handler { .. }
             | Error::LeaseLost { .. } => false,
         }

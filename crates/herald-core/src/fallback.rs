@@ -143,7 +143,7 @@ mod tests {
 
     fn msgs() -> Vec<Message> {
         (0..3)
-            .map(|i| Message::event("t", "E", vec![i]).with_key("k"))
+            .map(|i| Message::raw_event("t", "E", vec![i]).with_key("k"))
             .collect()
     }
 

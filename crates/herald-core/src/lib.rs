@@ -8,7 +8,7 @@
 //! ```
 //! use herald_core::{Message, Kind};
 //!
-//! let msg = Message::event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec())
+//! let msg = Message::raw_event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec())
 //!     .with_key("order-42")
 //!     .with_source("/shop/orders");
 //! assert_eq!(msg.kind, Kind::Event);
@@ -31,6 +31,7 @@ pub mod store;
 pub mod telemetry;
 pub mod trace;
 pub mod transport;
+pub mod typed;
 
 /// What a backend (an outbox store or a transport) is written with, beyond the traits: not
 /// needed to use herald, and not part of its stable surface.
@@ -46,6 +47,7 @@ pub use error::{BoxError, Error, Result};
 pub use fallback::{FallbackPublisher, FallbackReport, Park};
 pub use membership::{Heartbeat, Holdings, RelayInfo, RelayState, RelayStatus};
 pub use message::{Kind, Message};
+pub use typed::{Codec, Json};
 pub use relay::{Failpoint, Relay, TickReport, Waker};
 pub use store::{Claim, DestinationStats, Lease, OutboxRow, OutboxStore, RejectionOutcome};
 pub use transport::{

@@ -70,8 +70,9 @@ pub struct Message {
 }
 
 impl Message {
-    /// An event for `topic`, with a fresh UUIDv7 id, JSON content type and the current time.
-    pub fn event(
+    /// An event for `topic` with a payload already in bytes (typed payloads:
+    /// [`Message::event`]), with a fresh UUIDv7 id, JSON content type and the current time.
+    pub fn raw_event(
         topic: impl Into<String>,
         message_type: impl Into<String>,
         payload: impl Into<Vec<u8>>,
@@ -84,8 +85,9 @@ impl Message {
         )
     }
 
-    /// A command for the owner's queue `queue`, otherwise like [`Message::event`].
-    pub fn command(
+    /// A command for the owner's queue `queue`, otherwise like [`Message::raw_event`] (typed
+    /// payloads: [`Message::command`]).
+    pub fn raw_command(
         queue: impl Into<String>,
         message_type: impl Into<String>,
         payload: impl Into<Vec<u8>>,
@@ -389,11 +391,11 @@ mod tests {
 
     #[test]
     fn caused_by_carries_correlation_and_trace() {
-        let first = Message::event("orders", "OrderPlaced", b"{}".to_vec()).with_header(
+        let first = Message::raw_event("orders", "OrderPlaced", b"{}".to_vec()).with_header(
             TRACEPARENT,
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         );
-        let next = Message::command("email", "SendEmail", b"{}".to_vec()).caused_by(&first);
+        let next = Message::raw_command("email", "SendEmail", b"{}".to_vec()).caused_by(&first);
         assert_eq!(
             next.header(CAUSATION_ID),
             Some(first.id.to_string().as_str())
@@ -403,7 +405,7 @@ mod tests {
             Some(first.id.to_string().as_str())
         );
         assert_eq!(next.header(TRACEPARENT), first.header(TRACEPARENT));
-        let third = Message::event("email", "EmailSent", b"{}".to_vec()).caused_by(&next);
+        let third = Message::raw_event("email", "EmailSent", b"{}".to_vec()).caused_by(&next);
         assert_eq!(
             third.header(CORRELATION_ID),
             Some(first.id.to_string().as_str())
@@ -458,7 +460,7 @@ mod tests {
 
     #[test]
     fn cloudevents_rules_refuse_what_wires_cannot_carry() {
-        let ok = Message::event("orders", "OrderPlaced", b"{}".to_vec())
+        let ok = Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())
             .with_key("k")
             .with_header("traceparent", "00-ab-cd-01");
         assert_eq!(ok.check_cloudevents(), Ok(()));
@@ -480,14 +482,14 @@ mod tests {
             ),
             (ok.clone().with_key("k\r\n"), "ordering_key holds a control"),
             (
-                Message::event("orders", "Order\nPlaced", vec![]),
+                Message::raw_event("orders", "Order\nPlaced", vec![]),
                 "message_type holds",
             ),
             (
-                Message::event("orders", "", vec![]),
+                Message::raw_event("orders", "", vec![]),
                 "message_type is empty",
             ),
-            (Message::event("", "T", vec![]), "destination is empty"),
+            (Message::raw_event("", "T", vec![]), "destination is empty"),
         ];
         for (m, want) in cases {
             let err = m.check_cloudevents().unwrap_err();
@@ -500,8 +502,8 @@ mod tests {
 
     #[test]
     fn ids_are_v7_and_increase() {
-        let a = Message::event("t", "T", vec![]);
-        let b = Message::event("t", "T", vec![]);
+        let a = Message::raw_event("t", "T", vec![]);
+        let b = Message::raw_event("t", "T", vec![]);
         assert_eq!(a.id.get_version_num(), 7);
         assert!(b.id > a.id);
     }

@@ -445,6 +445,31 @@ impl Relay {
         }
     }
 
+    /// Checks that the database and the broker keep what they acknowledge (`synchronous_commit`,
+    /// SQLite's `synchronous`, durable queues, ...), logs each problem found as a warning and
+    /// returns them. `herald relay` and the host call it before they start; a check that fails
+    /// is logged and skipped.
+    pub async fn warn_durability(&self) -> Vec<String> {
+        let mut found = match self.inner.store.durability_warnings().await {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e.chain(), "could not check the database's durability settings");
+                Vec::new()
+            }
+        };
+        found.extend(
+            self.inner
+                .transport
+                .durability_warnings()
+                .await
+                .unwrap_or_default(),
+        );
+        for w in &found {
+            warn!("{w}");
+        }
+        found
+    }
+
     /// Gives up this relay's partitions now and records the stop: another relay takes them at
     /// its next heartbeat. Call it after the last tick (`run` does).
     pub async fn leave(&self) -> Result<()> {

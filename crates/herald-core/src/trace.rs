@@ -297,10 +297,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_handler_s_messages_carry_the_cause() {
-        let incoming = Message::command("billing", "ChargeCard", b"{}".to_vec())
+        let incoming = Message::raw_command("billing", "ChargeCard", b"{}".to_vec())
             .with_header(TRACEPARENT, TP)
             .with_header(CORRELATION_ID, "order-7");
-        let outgoing = Message::event("billing", "CardCharged", b"{}".to_vec());
+        let outgoing = Message::raw_event("billing", "CardCharged", b"{}".to_vec());
         assert!(stamp(&outgoing).is_none(), "no cause, no span: unchanged");
         let headers = Cause::of(&incoming)
             .scope(async { stamp(&outgoing).expect("stamped") })
@@ -313,9 +313,9 @@ mod tests {
         );
 
         // Without a correlation id the incoming id is one; a message's own values win.
-        let plain = Message::command("billing", "ChargeCard", b"{}".to_vec())
+        let plain = Message::raw_command("billing", "ChargeCard", b"{}".to_vec())
             .with_header(TRACEPARENT, "not-a-traceparent");
-        let own = Message::event("x", "Y", b"{}".to_vec()).with_header(CORRELATION_ID, "mine");
+        let own = Message::raw_event("x", "Y", b"{}".to_vec()).with_header(CORRELATION_ID, "mine");
         let headers = Cause::of(&plain)
             .scope(async { stamp(&own).expect("stamped") })
             .await;
@@ -327,7 +327,7 @@ mod tests {
         );
 
         // A correlation id the relay would refuse is not copied on; the cause's id stands in.
-        let hostile = Message::command("billing", "ChargeCard", b"{}".to_vec())
+        let hostile = Message::raw_command("billing", "ChargeCard", b"{}".to_vec())
             .with_header(TRACEPARENT, TP)
             .with_header(TRACESTATE, "not a\ttracestate")
             .with_header(CORRELATION_ID, "line\nbreak");

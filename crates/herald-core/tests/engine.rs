@@ -115,7 +115,7 @@ fn config() -> RelayConfig {
 }
 
 fn msg(kind: &str, key: &str) -> Message {
-    Message::event("orders", kind, b"{}".to_vec()).with_key(key)
+    Message::raw_event("orders", kind, b"{}".to_vec()).with_key(key)
 }
 
 fn relay(store: &Arc<MemoryStore>, transport: Arc<dyn Transport>) -> Relay {
@@ -208,7 +208,7 @@ async fn an_unknown_outcome_releases_the_row_for_another_attempt() {
 async fn unpublishable_and_oversized_messages_are_dead_lettered_at_once() {
     let store = Arc::new(MemoryStore::new());
     store.enqueue(msg("odd", "k"));
-    store.enqueue(Message::event("orders", "huge", vec![b'x'; 2 * 1024 * 1024]).with_key("j"));
+    store.enqueue(Message::raw_event("orders", "huge", vec![b'x'; 2 * 1024 * 1024]).with_key("j"));
     store.enqueue(msg("fine", "k"));
     let t = Scripted::new(|m, _| {
         if m.message_type == "odd" {

@@ -18,7 +18,7 @@
 //! use herald_core::{Message, Subscription, Transport};
 //! let broker = herald_embedded::EmbeddedTransport::open("sqlite://broker.db").await?;
 //! let mut sub = broker.subscribe(&Subscription::events("orders", "email-service")).await?;
-//! broker.publish(&[Message::event("orders", "OrderPlaced", b"{}".to_vec())]).await;
+//! broker.publish(&[Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())]).await;
 //! let delivery = sub.next().await?;
 //! sub.ack(delivery.tag()).await?;
 //! # Ok(()) }

@@ -18,7 +18,7 @@
 //! # async fn example() -> herald_core::Result<()> {
 //! use herald_core::{Message, SecretUrl, Transport};
 //! let kafka = herald_kafka::KafkaTransport::connect(SecretUrl::parse("broker", "kafka://127.0.0.1:9092")?).await?;
-//! let results = kafka.publish(&[Message::event("orders", "OrderPlaced", b"{}".to_vec())]).await;
+//! let results = kafka.publish(&[Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())]).await;
 //! # Ok(()) }
 //! ```
 

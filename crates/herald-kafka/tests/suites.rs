@@ -122,7 +122,7 @@ async fn bad_urls_and_unreachable_brokers() {
     let started = std::time::Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(20),
-        t.publish(&[Message::event("t", "E", vec![]).with_key("k")]),
+        t.publish(&[Message::raw_event("t", "E", vec![]).with_key("k")]),
     )
     .await
     .expect("publish gives up within its timeouts");

@@ -441,7 +441,7 @@ async fn story(
     for i in 0..orders {
         let order_id = format!("order-{i:06}");
         let commit = rng.u8(..100) >= 10;
-        let placed = Message::event(topic, "OrderPlaced", payload(&order_id, 1))
+        let placed = Message::raw_event(topic, "OrderPlaced", payload(&order_id, 1))
             .with_key(&order_id)
             .with_source("/shop/orders");
         demo.transact(&order_id, true, &placed, commit).await?;
@@ -462,7 +462,7 @@ async fn story(
         if i >= 3 && committed_orders.len() >= 4 && i % 2 == 0 {
             let k = committed_orders.len() - 4;
             let id = committed_orders[k].clone();
-            let paid = Message::event(topic, "OrderPaid", payload(&id, 2))
+            let paid = Message::raw_event(topic, "OrderPaid", payload(&id, 2))
                 .with_key(&id)
                 .with_source("/shop/orders");
             demo.transact(&id, false, &paid, true).await?;

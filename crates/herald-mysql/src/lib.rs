@@ -13,7 +13,7 @@
 //! let writer = MySqlOutboxWriter::new(&table);
 //! let mut tx = pool.begin().await.expect("begin");
 //! // ... the business change, in `tx` ...
-//! writer.enqueue(&mut tx, &Message::event("orders", "OrderPlaced", b"{}".to_vec())).await?;
+//! writer.enqueue(&mut tx, &Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())).await?;
 //! tx.commit().await.expect("commit");
 //! # Ok(()) }
 //! ```

@@ -200,7 +200,7 @@ async fn writer_runs_no_ddl_in_the_callers_transaction() {
     migrate(&h.pool, &h.table).await.unwrap();
     let writer = MySqlOutboxWriter::new(&h.table);
     let mut tx = h.pool.begin().await.unwrap();
-    let m = Message::event("t", "E", b"{}".to_vec());
+    let m = Message::raw_event("t", "E", b"{}".to_vec());
     writer.enqueue(&mut tx, &m).await.unwrap();
     let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM herald_outbox")
         .fetch_one(&h.pool)
@@ -216,7 +216,7 @@ async fn writer_runs_no_ddl_in_the_callers_transaction() {
     let err = writer
         .publish(
             &mut h.pool.acquire().await.unwrap(),
-            &Message::command("q", "C", vec![]),
+            &Message::raw_command("q", "C", vec![]),
         )
         .await
         .unwrap_err();

@@ -16,7 +16,7 @@
 //! # async fn example() -> herald_core::Result<()> {
 //! use herald_core::{Message, SecretUrl, Transport};
 //! let nats = herald_nats::NatsTransport::connect(SecretUrl::parse("broker", "nats://127.0.0.1:4222")?).await?;
-//! let results = nats.publish(&[Message::event("orders", "OrderPlaced", b"{}".to_vec())]).await;
+//! let results = nats.publish(&[Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())]).await;
 //! # Ok(()) }
 //! ```
 

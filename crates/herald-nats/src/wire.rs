@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let m = Message::event("orders", "OrderPlaced", b"{}".to_vec())
+        let m = Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())
             .with_key("o-1")
             .with_source("/shop")
             .with_header("traceparent", "00-ab-cd-01");
@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn values_async_nats_would_panic_on_are_refused_first() {
-        let ok = Message::event("orders", "OrderPlaced", b"{}".to_vec()).with_key("k");
+        let ok = Message::raw_event("orders", "OrderPlaced", b"{}".to_vec()).with_key("k");
         assert!(check_limits(&ok, 1 << 20).is_ok());
         let mut newline_key = ok.clone();
         newline_key.ordering_key = Some("a\nb".to_owned());
@@ -193,7 +193,7 @@ mod tests {
             (colon, "not a valid NATS header name"),
             (ok.clone().with_header("big", "v".repeat(70_000)), "65535"),
             (
-                Message::event("orders", "T", vec![0; 2000]),
+                Message::raw_event("orders", "T", vec![0; 2000]),
                 "max_payload) of 1000",
             ),
         ] {

@@ -28,7 +28,7 @@ async fn cleanup(kind: Kind, name: &str) {
 async fn republishing_the_same_id_stores_one_copy() {
     let topic = unique("dedup");
     let nats = transport().await;
-    let m = Message::event(&topic, "E", b"1".to_vec()).with_key("k");
+    let m = Message::raw_event(&topic, "E", b"1".to_vec()).with_key("k");
     assert!(nats.publish(std::slice::from_ref(&m)).await[0].is_ok());
     assert!(
         nats.publish(std::slice::from_ref(&m)).await[0].is_ok(),
@@ -67,7 +67,7 @@ async fn republishing_the_same_id_stores_one_copy() {
 async fn a_command_needs_its_owner() {
     let queue = unique("cmds");
     let nats = transport().await;
-    let cmd = Message::command(&queue, "Charge", b"{}".to_vec());
+    let cmd = Message::raw_command(&queue, "Charge", b"{}".to_vec());
     let err = nats
         .publish(std::slice::from_ref(&cmd))
         .await
@@ -98,7 +98,7 @@ async fn a_command_needs_its_owner() {
 #[tokio::test]
 async fn wildcard_destinations_are_refused() {
     let nats = transport().await;
-    let bad = Message::event("orders.>", "E", b"1".to_vec());
+    let bad = Message::raw_event("orders.>", "E", b"1".to_vec());
     let err = nats
         .publish(std::slice::from_ref(&bad))
         .await
@@ -168,7 +168,7 @@ async fn credentials_in_the_url_are_used_and_a_refused_login_is_fatal() {
         .await
         .unwrap();
     let topic = unique("auth");
-    let m = Message::event(&topic, "T", b"x".to_vec());
+    let m = Message::raw_event(&topic, "T", b"x".to_vec());
     let r = nats.publish(std::slice::from_ref(&m)).await;
     assert!(r[0].is_ok(), "{:?}", r[0]);
 
@@ -195,13 +195,13 @@ async fn destinations_sharing_a_stream_name_are_refused_with_the_reason() {
     let dotted = format!("{base}.x");
     let nats = transport().await;
     let r = nats
-        .publish(&[Message::event(&underscore, "T", b"1".to_vec())])
+        .publish(&[Message::raw_event(&underscore, "T", b"1".to_vec())])
         .await;
     assert!(r[0].is_ok(), "{:?}", r[0]);
     let r = nats
         .publish(&[
-            Message::event(&dotted, "T", b"2".to_vec()),
-            Message::event(&underscore, "T", b"3".to_vec()),
+            Message::raw_event(&dotted, "T", b"2".to_vec()),
+            Message::raw_event(&underscore, "T", b"3".to_vec()),
         ])
         .await;
     let err = r[0].as_ref().unwrap_err();

@@ -5,7 +5,7 @@
 //! use herald_core::{Message, SecretUrl, Transport};
 //! let url = SecretUrl::parse("broker", "amqp://guest:guest@127.0.0.1:5672/%2f")?;
 //! let rabbit = herald_rabbitmq::RabbitTransport::new(url)?;
-//! let results = rabbit.publish(&[Message::event("orders", "OrderPlaced", b"{}".to_vec())]).await;
+//! let results = rabbit.publish(&[Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())]).await;
 //! assert!(results[0].is_ok());
 //! # Ok(()) }
 //! ```

@@ -639,9 +639,9 @@ mod tests {
 
     fn batch() -> Vec<Message> {
         vec![
-            Message::event("t", "E", vec![]),
-            Message::command("nobody", "A", vec![]),
-            Message::command("owned", "B", vec![]),
+            Message::raw_event("t", "E", vec![]),
+            Message::raw_command("nobody", "A", vec![]),
+            Message::raw_command("owned", "B", vec![]),
         ]
     }
 
@@ -696,7 +696,7 @@ mod tests {
 
     #[test]
     fn commands_sharing_an_id_are_rejected_only_if_all_came_back() {
-        let a = Message::command("nobody", "A", vec![]);
+        let a = Message::raw_command("nobody", "A", vec![]);
         let mut twin = a.clone();
         twin.destination = "owned".to_owned();
         let b = vec![a.clone(), twin];

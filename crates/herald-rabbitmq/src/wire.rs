@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn round_trips_through_amqp_properties() {
-        let m = Message::command("billing", "ChargeCard", br#"{"amount":5}"#.to_vec())
+        let m = Message::raw_command("billing", "ChargeCard", br#"{"amount":5}"#.to_vec())
             .with_key("order-7")
             .with_source("/shop")
             .with_header(
@@ -151,14 +151,14 @@ mod tests {
 
     #[test]
     fn wire_limits_are_checked_before_lapin_sees_a_value() {
-        let ok = Message::command("billing", "ChargeCard", vec![]);
+        let ok = Message::raw_command("billing", "ChargeCard", vec![]);
         assert!(check_limits(&ok).is_ok());
         let long = "x".repeat(256);
         for (m, what) in [
-            (Message::command(long.clone(), "T", vec![]), "destination"),
-            (Message::command("q", long.clone(), vec![]), "message_type"),
+            (Message::raw_command(long.clone(), "T", vec![]), "destination"),
+            (Message::raw_command("q", long.clone(), vec![]), "message_type"),
             (ok.clone().with_content_type(long.clone()), "content_type"),
-            (Message::event("amq.topic", "T", vec![]), "amq."),
+            (Message::raw_event("amq.topic", "T", vec![]), "amq."),
         ] {
             let err = check_limits(&m).unwrap_err();
             assert!(matches!(err, Error::Unpublishable { .. }), "{err}");

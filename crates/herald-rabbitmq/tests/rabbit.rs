@@ -56,7 +56,7 @@ async fn every_service_gets_every_event() {
         .subscribe(&Subscription::events(&topic, "email"))
         .await
         .unwrap();
-    let m = Message::event(&topic, "OrderPlaced", br#"{"id":1}"#.to_vec())
+    let m = Message::raw_event(&topic, "OrderPlaced", br#"{"id":1}"#.to_vec())
         .with_key("order-1")
         .with_source("/shop")
         .with_header(
@@ -79,7 +79,7 @@ async fn every_service_gets_every_event() {
 async fn a_command_needs_an_owner() {
     let queue = unique("billing-commands");
     let rabbit = transport();
-    let cmd = Message::command(&queue, "ChargeCard", b"{}".to_vec()).with_key("order-1");
+    let cmd = Message::raw_command(&queue, "ChargeCard", b"{}".to_vec()).with_key("order-1");
     let results = rabbit.publish(std::slice::from_ref(&cmd)).await;
     let err = results[0].as_ref().unwrap_err();
     assert!(
@@ -118,7 +118,7 @@ async fn wire_format_seen_by_a_plain_amqp_client() {
     .await
     .unwrap();
     let cmd =
-        Message::command(&queue, "ChargeCard", br#"{"amount":5}"#.to_vec()).with_key("order-9");
+        Message::raw_command(&queue, "ChargeCard", br#"{"amount":5}"#.to_vec()).with_key("order-9");
     assert!(rabbit.publish(std::slice::from_ref(&cmd)).await[0].is_ok());
     let mut consumer = ch
         .basic_consume(
@@ -190,7 +190,7 @@ async fn broker_outage_delays_but_loses_nothing() {
     herald_sqlite::migrate(&pool, &table).await.unwrap();
     let writer = herald_sqlite::SqliteOutboxWriter::new(&table);
     let messages: Vec<_> = (0..50u8)
-        .map(|i| Message::event(&topic, "E", vec![i]).with_key(format!("k{}", i % 5)))
+        .map(|i| Message::raw_event(&topic, "E", vec![i]).with_key(format!("k{}", i % 5)))
         .collect();
     let mut tx = pool.begin().await.unwrap();
     for m in &messages {
@@ -292,9 +292,9 @@ async fn unroutable_commands_among_routed_messages_are_never_confirmed() {
     for round in 0..8 {
         let batch: Vec<Message> = (0..300)
             .map(|i| match i % 3 {
-                0 => Message::event(&topic, "Happened", format!("{round}-{i}").into_bytes()),
-                1 => Message::command(&nobody, "Orphan", format!("{round}-{i}").into_bytes()),
-                _ => Message::command(&owned, "Owned", format!("{round}-{i}").into_bytes()),
+                0 => Message::raw_event(&topic, "Happened", format!("{round}-{i}").into_bytes()),
+                1 => Message::raw_command(&nobody, "Orphan", format!("{round}-{i}").into_bytes()),
+                _ => Message::raw_command(&owned, "Owned", format!("{round}-{i}").into_bytes()),
             })
             .collect();
         let results = rabbit.publish(&batch).await;
@@ -364,14 +364,14 @@ async fn headers_up_to_the_frame_size_go_out_and_larger_are_refused_alone() {
         .unwrap();
     let frame_max = 131_072;
     let sized = |extra: usize| {
-        let base = Message::command(&queue, "Big", b"x".to_vec()).with_header("pad", "");
+        let base = Message::raw_command(&queue, "Big", b"x".to_vec()).with_header("pad", "");
         let len = frame_max - herald_rabbitmq::wire::header_frame_size(&base) + extra;
-        Message::command(&queue, "Big", b"x".to_vec()).with_header("pad", "p".repeat(len))
+        Message::raw_command(&queue, "Big", b"x".to_vec()).with_header("pad", "p".repeat(len))
     };
     let fits = sized(0);
     let over = sized(1);
     assert_eq!(herald_rabbitmq::wire::header_frame_size(&fits), frame_max);
-    let small = Message::command(&queue, "Small", b"s".to_vec());
+    let small = Message::raw_command(&queue, "Small", b"s".to_vec());
     let results = rabbit.publish(&[fits.clone(), over, small.clone()]).await;
     assert!(results[0].is_ok(), "exactly frame_max: {:?}", results[0]);
     let err = results[1].as_ref().unwrap_err();
@@ -413,9 +413,9 @@ async fn an_exchange_of_another_type_refuses_its_event_alone() {
         .await
         .unwrap();
     let batch = [
-        Message::event(&topic, "E", b"1".to_vec()).with_key("A"),
-        Message::event(&clash, "E", b"2".to_vec()).with_key("A"),
-        Message::event(&topic, "E", b"3".to_vec()).with_key("B"),
+        Message::raw_event(&topic, "E", b"1".to_vec()).with_key("A"),
+        Message::raw_event(&clash, "E", b"2".to_vec()).with_key("A"),
+        Message::raw_event(&topic, "E", b"3".to_vec()).with_key("B"),
     ];
     for round in 0..2 {
         let results = rabbit.publish(&batch).await;

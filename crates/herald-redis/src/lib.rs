@@ -19,7 +19,7 @@
 //! # async fn example() -> herald_core::Result<()> {
 //! use herald_core::{Message, SecretUrl, Transport};
 //! let redis = herald_redis::RedisTransport::connect(SecretUrl::parse("broker", "redis://127.0.0.1:6379")?).await?;
-//! let results = redis.publish(&[Message::event("orders", "OrderPlaced", b"{}".to_vec())]).await;
+//! let results = redis.publish(&[Message::raw_event("orders", "OrderPlaced", b"{}".to_vec())]).await;
 //! # Ok(()) }
 //! ```
 

@@ -81,7 +81,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let m = Message::event("orders", "OrderPlaced", b"\x00{}".to_vec())
+        let m = Message::raw_event("orders", "OrderPlaced", b"\x00{}".to_vec())
             .with_key("o-1")
             .with_source("/shop")
             .with_header("traceparent", "00-ab-cd-01");

@@ -31,6 +31,14 @@ pub trait Handler<DB: sqlx::Database>: Send + Sync + 'static {
         tx: &mut DB::Connection,
         message: &Message,
     ) -> std::result::Result<(), BoxError>;
+
+    /// Called once when the handler is installed in an [`Applier`] for outbox `table`: a handler
+    /// that sends messages (a [`Router`](crate::Router)) writes them into that outbox, beside
+    /// the inbox, in the same transaction. Nothing to do for most handlers.
+    fn bind_outbox(&mut self, table: &Identifier) -> Result<()> {
+        let _ = table;
+        Ok(())
+    }
 }
 
 /// [`Apply`] over a database, wrapping a [`Handler`].
@@ -55,7 +63,8 @@ struct Sql {
 
 impl<D: Dialect, H: Handler<D::DB>> Applier<D, H> {
     /// A consumer database side using the tables `migrate` created beside outbox `table`.
-    pub fn new(pool: Pool<D::DB>, table: &Identifier, handler: H) -> Result<Applier<D, H>> {
+    pub fn new(pool: Pool<D::DB>, table: &Identifier, mut handler: H) -> Result<Applier<D, H>> {
+        handler.bind_outbox(table)?;
         let q = |suffix: &str| table.with_suffix(suffix).map(|t| D::quote(&t));
         let inbox = q("_inbox")?;
         let versions = q("_inbox_version")?;

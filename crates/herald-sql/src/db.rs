@@ -42,6 +42,8 @@ pub trait SqlDb: Database {
     ) -> Query<'static, Self, Self::Arguments>;
     /// Reads an integer column.
     fn get_i64(row: &Self::Row, col: &str) -> Result<i64, sqlx::Error>;
+    /// Reads the integer in column `index` (from 0).
+    fn get_i64_at(row: &Self::Row, index: usize) -> Result<i64, sqlx::Error>;
     /// Reads an integer column that may be `NULL`.
     fn get_opt_i64(row: &Self::Row, col: &str) -> Result<Option<i64>, sqlx::Error>;
     /// Reads a 32-bit integer column.
@@ -65,6 +67,7 @@ where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     DB::Arguments: IntoArguments<DB>,
     for<'a> &'a str: ColumnIndex<DB::Row>,
+    usize: ColumnIndex<DB::Row>,
     i64: Type<DB> + for<'q> Encode<'q, DB> + for<'r> Decode<'r, DB>,
     i32: Type<DB> + for<'r> Decode<'r, DB>,
     String: Type<DB> + for<'r> Decode<'r, DB>,
@@ -117,6 +120,10 @@ where
 
     fn get_i64(row: &Self::Row, col: &str) -> Result<i64, sqlx::Error> {
         row.try_get(col)
+    }
+
+    fn get_i64_at(row: &Self::Row, index: usize) -> Result<i64, sqlx::Error> {
+        row.try_get(index)
     }
 
     fn get_opt_i64(row: &Self::Row, col: &str) -> Result<Option<i64>, sqlx::Error> {

@@ -36,6 +36,13 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
 /// it, so a lost connection is an outage to wait out, not poison to park. Anything else is the
 /// handler's own failure.
 pub fn handler_error<D: Dialect>(e: BoxError) -> Error {
+    // Kept as they are: a payload that does not decode, or a type nobody handles, is parked at
+    // once by the consumer (retrying cannot help).
+    let e = match e.downcast::<Error>() {
+        Ok(own) if matches!(*own, Error::Decode { .. } | Error::Unhandled { .. }) => return *own,
+        Ok(own) => own as BoxError,
+        Err(other) => other,
+    };
     let mut transient = None;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
     while let Some(err) = cur {

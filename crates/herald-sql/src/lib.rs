@@ -15,6 +15,7 @@ mod inbox;
 mod membership;
 mod migrate;
 mod outbox;
+mod router;
 mod writer;
 
 pub use applier::{Applier, Handler};
@@ -25,4 +26,5 @@ pub use error::{db, handler_error, is_connection_error};
 pub use inbox::Inbox;
 pub use migrate::{Migration, migrate, versions as migrate_versions};
 pub use outbox::SqlOutbox;
+pub use router::{Bound, Context, Handle, Router, Statement, Unknown};
 pub use writer::{OutboxWriter, Park};

@@ -40,7 +40,7 @@ struct SendCharge {
 impl Handler<sqlx::Postgres> for SendCharge {
     async fn handle(&self, tx: &mut PgConnection, m: &Message) -> Result<(), BoxError> {
         tracing::info!("sending the charge");
-        let charge = Message::command(self.queue.clone(), "ChargeCard", m.payload.clone());
+        let charge = Message::raw_command(self.queue.clone(), "ChargeCard", m.payload.clone());
         self.writer.send(tx, &charge).await?;
         Ok(())
     }
@@ -143,7 +143,7 @@ async fn one_trace_from_the_producer_to_the_follow_up_command_s_handler() {
     drop(billing.subscribe().await.unwrap());
 
     // The producer's own span: the event is written inside it.
-    let placed = Message::event(topic.clone(), "OrderPlaced", br#"{"order":7}"#.to_vec())
+    let placed = Message::raw_event(topic.clone(), "OrderPlaced", br#"{"order":7}"#.to_vec())
         .with_key("order-7");
     let producer = tracing::info_span!("place_order");
     async {

@@ -116,7 +116,7 @@ pub async fn duplicate_delivery_is_applied_once(h: &dyn ConsumerHarness) {
     let sub = Subscription::events(h.unique("dup"), "svc");
     let c = consumer(h, &sub, None).await;
     let mut s = c.subscribe().await.unwrap();
-    let m = Message::event(&sub.destination, "E", b"1".to_vec()).with_key("k");
+    let m = Message::raw_event(&sub.destination, "E", b"1".to_vec()).with_key("k");
     let t = h.transport().await;
     publish(&t, std::slice::from_ref(&m)).await;
     // The relay publishing it again after a crash: same id, a second copy on the broker (or, on
@@ -144,7 +144,7 @@ pub async fn crash_between_commit_and_ack_applies_once(h: &dyn ConsumerHarness) 
     let sub = Subscription::events(h.unique("crash"), "svc");
     let c = consumer(h, &sub, None).await;
     let mut s = c.subscribe().await.unwrap();
-    let m = Message::event(&sub.destination, "E", b"1".to_vec()).with_key("k");
+    let m = Message::raw_event(&sub.destination, "E", b"1".to_vec()).with_key("k");
     publish(&h.transport().await, std::slice::from_ref(&m)).await;
     let r = tokio::time::timeout(Duration::from_secs(20), s.next())
         .await
@@ -177,9 +177,9 @@ pub async fn failing_key_is_dead_lettered_and_others_flow(h: &dyn ConsumerHarnes
     let c = consumer(h, &sub, Some("bad")).await;
     let mut s = c.subscribe().await.unwrap();
     let msgs = [
-        Message::event(&sub.destination, "E", b"1".to_vec()).with_key("a"),
-        Message::event(&sub.destination, "E", b"2".to_vec()).with_key("bad"),
-        Message::event(&sub.destination, "E", b"3".to_vec()).with_key("c"),
+        Message::raw_event(&sub.destination, "E", b"1".to_vec()).with_key("a"),
+        Message::raw_event(&sub.destination, "E", b"2".to_vec()).with_key("bad"),
+        Message::raw_event(&sub.destination, "E", b"3".to_vec()).with_key("c"),
     ];
     publish(&h.transport().await, &msgs).await;
     let outcomes = handle(&c, &mut s, 3).await;
@@ -210,7 +210,7 @@ pub async fn competing_instances_handle_each_command_once(h: &dyn ConsumerHarnes
     let (c1, c2) = (consumer(h, &sub, None).await, consumer(h, &sub, None).await);
     let (s1, s2) = (c1.subscribe().await.unwrap(), c2.subscribe().await.unwrap());
     let cmds: Vec<_> = (0..40u8)
-        .map(|i| Message::command(&sub.destination, "Charge", vec![i]).with_key(format!("o{i}")))
+        .map(|i| Message::raw_command(&sub.destination, "Charge", vec![i]).with_key(format!("o{i}")))
         .collect();
     publish(&h.transport().await, &cmds).await;
     let run = |c: Consumer, mut s: Box<dyn Subscriber>| async move {
@@ -244,7 +244,7 @@ pub async fn every_subscribing_service_applies_each_event(h: &dyn ConsumerHarnes
     let (ca, cb) = (consumer(h, &a, None).await, consumer(h, &b, None).await);
     let (mut sa, mut sb) = (ca.subscribe().await.unwrap(), cb.subscribe().await.unwrap());
     let msgs: Vec<_> = (0..5u8)
-        .map(|i| Message::event(&topic, "E", vec![i]).with_key("k"))
+        .map(|i| Message::raw_event(&topic, "E", vec![i]).with_key("k"))
         .collect();
     publish(&h.transport().await, &msgs).await;
     handle(&ca, &mut sa, 5).await;
@@ -263,7 +263,7 @@ pub async fn replay_from_start_applies_nothing_twice(h: &dyn ConsumerHarness) {
     let c = consumer(h, &sub, None).await;
     let mut s = c.subscribe().await.unwrap();
     let msgs: Vec<_> = (0..5u8)
-        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key("k"))
+        .map(|i| Message::raw_event(&sub.destination, "E", vec![i]).with_key("k"))
         .collect();
     let t = h.transport().await;
     publish(&t, &msgs).await;
@@ -295,7 +295,7 @@ pub async fn per_key_order_within_a_group(h: &dyn ConsumerHarness) {
     let c = consumer(h, &sub, None).await;
     let mut s = c.subscribe().await.unwrap();
     let msgs: Vec<_> = (0..30u8)
-        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 3)))
+        .map(|i| Message::raw_event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 3)))
         .collect();
     publish(&h.transport().await, &msgs).await;
     handle(&c, &mut s, 30).await;
@@ -326,7 +326,7 @@ pub async fn concurrent_consumer_keeps_key_order(h: &dyn ConsumerHarness) {
     )
     .unwrap();
     let msgs: Vec<_> = (0..60u8)
-        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 5)))
+        .map(|i| Message::raw_event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 5)))
         .collect();
     // Subscribing declares the service's queue; on RabbitMQ, events published before it exists
     // are (rightly) dropped.
@@ -376,7 +376,7 @@ pub async fn undecodable_delivery_is_dead_lettered_and_consumer_continues(h: &dy
     let c = consumer(h, &sub, None).await;
     let mut s = c.subscribe().await.unwrap();
     h.publish_garbage(&sub).await;
-    let good = Message::event(&sub.destination, "E", b"ok".to_vec()).with_key("k");
+    let good = Message::raw_event(&sub.destination, "E", b"ok".to_vec()).with_key("k");
     publish(&h.transport().await, std::slice::from_ref(&good)).await;
     let outcomes = handle(&c, &mut s, 2).await;
     assert_eq!(outcomes, vec![None, Some(Applied::Done)]);
@@ -510,7 +510,7 @@ async fn survives_a_failed_ack(h: &dyn ConsumerHarness, concurrency: usize) {
     };
     let t = h.transport().await;
     let msgs: Vec<Message> = (0..6)
-        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 3)))
+        .map(|i| Message::raw_event(&sub.destination, "E", vec![i]).with_key(format!("k{}", i % 3)))
         .collect();
     publish(&t, &msgs[..3]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

@@ -34,7 +34,7 @@ pub trait InboxHarness: Send + Sync {
 }
 
 fn event(key: &str) -> Message {
-    Message::event("t", "E", b"{}".to_vec()).with_key(key)
+    Message::raw_event("t", "E", b"{}".to_vec()).with_key(key)
 }
 
 /// A message applied twice: the second time is a duplicate and runs nothing.

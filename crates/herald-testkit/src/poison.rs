@@ -299,7 +299,7 @@ impl Gen {
     }
 
     fn message(&mut self, destination: &str) -> Message {
-        let mut m = Message::event(destination, self.string(4), self.payload());
+        let mut m = Message::raw_event(destination, self.string(4), self.payload());
         m.ordering_key = self.0.bool().then(|| self.string(3));
         m.headers = self.headers();
         if self.0.bool() {
@@ -545,10 +545,10 @@ pub async fn messages_are_refused_alone(h: &dyn ConsumerHarness) {
     let mut s = t.subscribe(&sub).await.expect("subscribe");
     let topic = sub.destination.clone();
     let good = |n: usize, key: &str| {
-        Message::event(&topic, "Fine", format!("good-{n}").into_bytes()).with_key(key)
+        Message::raw_event(&topic, "Fine", format!("good-{n}").into_bytes()).with_key(key)
     };
     let bad_cases: Vec<(Message, bool)> = {
-        let m = || Message::event(&topic, "Bad", b"{}".to_vec());
+        let m = || Message::raw_event(&topic, "Bad", b"{}".to_vec());
         let with = |f: &dyn Fn(&mut Message)| {
             let mut x = m();
             f(&mut x);

@@ -97,8 +97,8 @@ async fn drain(relay: &Relay) -> Result<usize> {
 
 /// A rolled-back transaction's message is never claimed, so never published; the committed one is.
 pub async fn rolled_back_is_never_published(h: &dyn StoreHarness) -> Result<()> {
-    let kept = Message::event("t", "Kept", b"1".to_vec()).with_key("k");
-    let dropped = Message::event("t", "Dropped", b"2".to_vec()).with_key("k");
+    let kept = Message::raw_event("t", "Kept", b"1".to_vec()).with_key("k");
+    let dropped = Message::raw_event("t", "Dropped", b"2".to_vec()).with_key("k");
     h.enqueue(std::slice::from_ref(&dropped), false).await?;
     h.enqueue(std::slice::from_ref(&kept), true).await?;
     let broker = MemoryTransport::new();
@@ -122,8 +122,8 @@ pub async fn late_commit_with_lower_id_is_published(h: &dyn StoreHarness) -> Res
         );
         return Ok(());
     }
-    let early = Message::event("t", "Early", b"1".to_vec()).with_key("a");
-    let late = Message::event("t", "Late", b"2".to_vec()).with_key("b");
+    let early = Message::raw_event("t", "Early", b"1".to_vec()).with_key("a");
+    let late = Message::raw_event("t", "Late", b"2".to_vec()).with_key("b");
     let open = h.enqueue_open(&early).await?; // takes the lower id, commits last
     h.enqueue(std::slice::from_ref(&late), true).await?;
     let broker = MemoryTransport::new();
@@ -195,7 +195,7 @@ pub async fn one_owner_per_partition(h: &dyn StoreHarness) -> Result<()> {
     for round in 0..2u8 {
         let batch: Vec<_> = keys
             .iter()
-            .map(|k| Message::event("t", "E", vec![round]).with_key(k.clone()))
+            .map(|k| Message::raw_event("t", "E", vec![round]).with_key(k.clone()))
             .collect();
         h.enqueue(&batch, true).await?;
     }
@@ -272,7 +272,7 @@ pub async fn one_owner_per_partition(h: &dyn StoreHarness) -> Result<()> {
 /// records whom it took over; the silent relay's marks, releases and rejections are refused
 /// from then on, its renewal says it is no longer alive, and it may not publish.
 pub async fn silent_relay_is_taken_over_and_fenced(h: &dyn StoreHarness) -> Result<()> {
-    let m = Message::event("t", "M", b"x".to_vec()).with_key("k");
+    let m = Message::raw_event("t", "M", b"x".to_vec()).with_key("k");
     h.enqueue(std::slice::from_ref(&m), true).await?;
     let (zombie, successor) = (h.store().await, h.store().await);
     let (z, held_z) = join(&*zombie, Duration::from_millis(1)).await?;
@@ -370,7 +370,7 @@ pub async fn renewal_keeps_and_leaving_frees(h: &dyn StoreHarness) -> Result<()>
 
 /// A released row (after a broker outage) is read again at once, without an attempt counted.
 pub async fn released_rows_are_claimable_again(h: &dyn StoreHarness) -> Result<()> {
-    h.enqueue(&[Message::event("t", "M", b"x".to_vec())], true)
+    h.enqueue(&[Message::raw_event("t", "M", b"x".to_vec())], true)
         .await?;
     let s = h.store().await;
     let (r, held) = join(&*s, Duration::from_secs(30)).await?;
@@ -394,17 +394,17 @@ pub async fn released_rows_are_claimable_again(h: &dyn StoreHarness) -> Result<(
 /// an oversized message is dead-lettered at once; other messages keep flowing.
 pub async fn poison_is_dead_lettered_with_reason(h: &dyn StoreHarness) -> Result<()> {
     h.enqueue(
-        &[Message::event("t", "Big", vec![b'x'; 4096]).with_key("big")],
+        &[Message::raw_event("t", "Big", vec![b'x'; 4096]).with_key("big")],
         true,
     )
     .await?;
     h.enqueue(
-        &[Message::command("nobody", "Cmd", b"c".to_vec()).with_key("cmd")],
+        &[Message::raw_command("nobody", "Cmd", b"c".to_vec()).with_key("cmd")],
         true,
     )
     .await?;
     h.enqueue(
-        &[Message::event("t", "Fine", b"f".to_vec()).with_key("fine")],
+        &[Message::raw_event("t", "Fine", b"f".to_vec()).with_key("fine")],
         true,
     )
     .await?;
@@ -504,7 +504,7 @@ pub async fn two_relays_keep_order_per_key(h: &dyn StoreHarness) -> Result<()> {
     let mut expected = 0;
     for round in 0..per_key {
         let batch: Vec<_> = (0..keys)
-            .map(|k| Message::event("t", "E", vec![round]).with_key(format!("k{k}")))
+            .map(|k| Message::raw_event("t", "E", vec![round]).with_key(format!("k{k}")))
             .collect();
         expected += batch.len();
         h.enqueue(&batch, true).await?;
@@ -694,7 +694,7 @@ pub async fn a_paused_relay_is_fenced_when_it_wakes(h: &dyn StoreHarness) -> Res
     } = Pair::start(frozen.clone(), h.store().await).await?;
     frozen.freeze_after_next_read();
     let batch: Vec<_> = (0..6u8)
-        .map(|i| Message::event("t", "E", vec![i]).with_key("k"))
+        .map(|i| Message::raw_event("t", "E", vec![i]).with_key("k"))
         .collect();
     h.enqueue(&batch, true).await?;
     wait_until(
@@ -728,7 +728,7 @@ pub async fn a_paused_relay_is_fenced_when_it_wakes(h: &dyn StoreHarness) -> Res
     })
     .await;
     let more: Vec<_> = (6..9u8)
-        .map(|i| Message::event("t", "E", vec![i]).with_key("k"))
+        .map(|i| Message::raw_event("t", "E", vec![i]).with_key("k"))
         .collect();
     h.enqueue(&more, true).await?;
     wait_until("the rest", Duration::from_secs(10), || {
@@ -778,7 +778,7 @@ pub async fn a_relay_cut_off_from_the_database_is_taken_over(h: &dyn StoreHarnes
         stop_b,
     } = Pair::start(cut, h.store().await).await?;
     let first: Vec<_> = (0..5u8)
-        .map(|i| Message::event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
+        .map(|i| Message::raw_event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
         .collect();
     h.enqueue(&first, true).await?;
     wait_until(
@@ -795,7 +795,7 @@ pub async fn a_relay_cut_off_from_the_database_is_taken_over(h: &dyn StoreHarnes
     .await;
     assert!(took <= 2 * lease, "takeover took {took:?}, lease {lease:?}");
     let rest: Vec<_> = (5..10u8)
-        .map(|i| Message::event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
+        .map(|i| Message::raw_event("t", "E", vec![i]).with_key(format!("k{}", i % 2)))
         .collect();
     h.enqueue(&rest, true).await?;
     wait_until("the survivor publishing", Duration::from_secs(10), || {

@@ -54,7 +54,7 @@ pub async fn round_trip_keeps_every_attribute(h: &dyn ConsumerHarness) {
     let sub = Subscription::events(h.unique("attrs"), "svc");
     let t = h.transport().await;
     let mut s = t.subscribe(&sub).await.unwrap();
-    let m = Message::event(
+    let m = Message::raw_event(
         &sub.destination,
         "OrderPlaced",
         b"\x00\xffbinary{}".to_vec(),
@@ -97,7 +97,7 @@ pub async fn per_key_order_is_kept(h: &dyn ConsumerHarness) {
     let mut s = t.subscribe(&sub).await.unwrap();
     let msgs: Vec<Message> = (0..60u32)
         .map(|i| {
-            Message::event(&sub.destination, "E", i.to_be_bytes().to_vec())
+            Message::raw_event(&sub.destination, "E", i.to_be_bytes().to_vec())
                 .with_key(format!("k{}", i % 4))
         })
         .collect();
@@ -127,7 +127,7 @@ pub async fn each_service_gets_every_event(h: &dyn ConsumerHarness) {
         .await
         .unwrap();
     let msgs: Vec<Message> = (0..5u8)
-        .map(|i| Message::event(&topic, "E", vec![i]))
+        .map(|i| Message::raw_event(&topic, "E", vec![i]))
         .collect();
     publish_ok(&t, &msgs).await;
     let ids: HashSet<Uuid> = msgs.iter().map(|m| m.id).collect();
@@ -150,7 +150,7 @@ pub async fn competing_instances_share_messages(h: &dyn ConsumerHarness) {
     let a = t.subscribe(&sub).await.unwrap();
     let b = t.subscribe(&sub).await.unwrap();
     let msgs: Vec<Message> = (0..20u8)
-        .map(|i| Message::command(&sub.destination, "C", vec![i]).with_key(format!("k{i}")))
+        .map(|i| Message::raw_command(&sub.destination, "C", vec![i]).with_key(format!("k{i}")))
         .collect();
     publish_ok(&t, &msgs).await;
     // Each instance consumes on its own until it has been idle a while (a cancelled `next` may
@@ -196,8 +196,8 @@ pub async fn unacknowledged_goes_to_another_instance(h: &dyn ConsumerHarness) {
     let sub = Subscription::events(h.unique("crash"), "svc");
     let t = h.transport().await;
     let mut first = t.subscribe(&sub).await.unwrap();
-    let done = Message::event(&sub.destination, "E", b"acked".to_vec()).with_key("k");
-    let lost = Message::event(&sub.destination, "E", b"unacked".to_vec()).with_key("k");
+    let done = Message::raw_event(&sub.destination, "E", b"acked".to_vec()).with_key("k");
+    let lost = Message::raw_event(&sub.destination, "E", b"unacked".to_vec()).with_key("k");
     publish_ok(&t, &[done.clone(), lost.clone()]).await;
     let d = next(&mut first).await.expect_message();
     assert_eq!(d.message.id, done.id);
@@ -229,7 +229,7 @@ pub async fn nack_redelivers(h: &dyn ConsumerHarness) {
     let sub = Subscription::events(h.unique("nack"), "svc");
     let t = h.transport().await;
     let mut s = t.subscribe(&sub).await.unwrap();
-    let m = Message::event(&sub.destination, "E", b"x".to_vec()).with_key("k");
+    let m = Message::raw_event(&sub.destination, "E", b"x".to_vec()).with_key("k");
     publish_ok(&t, std::slice::from_ref(&m)).await;
     let d = next(&mut s).await.expect_message();
     s.nack(d.tag).await.unwrap();
@@ -248,7 +248,7 @@ pub async fn republished_message_matches_the_dedup_flag(h: &dyn ConsumerHarness)
     let sub = Subscription::events(h.unique("dedup"), "svc");
     let t = h.transport().await;
     let mut s = t.subscribe(&sub).await.unwrap();
-    let m = Message::event(&sub.destination, "E", b"x".to_vec()).with_key("k");
+    let m = Message::raw_event(&sub.destination, "E", b"x".to_vec()).with_key("k");
     publish_ok(&t, std::slice::from_ref(&m)).await;
     publish_ok(&t, std::slice::from_ref(&m)).await;
     let expected = if dedup { 1 } else { 2 };
@@ -274,7 +274,7 @@ pub async fn replay_matches_the_flag(h: &dyn ConsumerHarness) {
     }
     let mut s = t.subscribe(&sub).await.unwrap();
     let early: Vec<Message> = (0..4u8)
-        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key("k"))
+        .map(|i| Message::raw_event(&sub.destination, "E", vec![i]).with_key("k"))
         .collect();
     publish_ok(&t, &early).await;
     take_acked(&mut s, 4).await;
@@ -282,7 +282,7 @@ pub async fn replay_matches_the_flag(h: &dyn ConsumerHarness) {
     let split = std::time::SystemTime::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let late: Vec<Message> = (4..6u8)
-        .map(|i| Message::event(&sub.destination, "E", vec![i]).with_key("k"))
+        .map(|i| Message::raw_event(&sub.destination, "E", vec![i]).with_key("k"))
         .collect();
     publish_ok(&t, &late).await;
     take_acked(&mut s, 2).await;
@@ -327,9 +327,9 @@ pub async fn oversized_payload_is_rejected_alone(h: &dyn ConsumerHarness) {
     let sub = Subscription::events(h.unique("big"), "svc");
     let t = h.transport().await;
     let mut s = t.subscribe(&sub).await.unwrap();
-    let small = Message::event(&sub.destination, "E", b"ok".to_vec()).with_key("a");
-    let big = Message::event(&sub.destination, "E", vec![7u8; max + 1]).with_key("b");
-    let after = Message::event(&sub.destination, "E", b"ok too".to_vec()).with_key("c");
+    let small = Message::raw_event(&sub.destination, "E", b"ok".to_vec()).with_key("a");
+    let big = Message::raw_event(&sub.destination, "E", vec![7u8; max + 1]).with_key("b");
+    let after = Message::raw_event(&sub.destination, "E", b"ok too".to_vec()).with_key("c");
     let results = t.publish(&[small.clone(), big, after.clone()]).await;
     assert!(results[0].is_ok(), "{:?}", results[0]);
     let err = results[1].as_ref().unwrap_err();
@@ -355,7 +355,7 @@ pub async fn undecodable_is_surfaced_with_a_reason(h: &dyn ConsumerHarness) {
     let mut s = t.subscribe(&sub).await.unwrap();
     h.publish_garbage(&sub).await;
     // Keyed like the garbage the harnesses publish, so a partitioned broker keeps the two in order.
-    let good = Message::event(&sub.destination, "E", b"x".to_vec()).with_key("k");
+    let good = Message::raw_event(&sub.destination, "E", b"x".to_vec()).with_key("k");
     publish_ok(&t, std::slice::from_ref(&good)).await;
     match next(&mut s).await {
         Received::Undecodable(u) => {
@@ -372,7 +372,7 @@ pub async fn undecodable_is_surfaced_with_a_reason(h: &dyn ConsumerHarness) {
 pub async fn command_before_owner_matches_the_flag(h: &dyn ConsumerHarness) {
     let sub = Subscription::commands(h.unique("owner"), "billing");
     let t = h.transport().await;
-    let c = Message::command(&sub.destination, "Charge", b"{}".to_vec());
+    let c = Message::raw_command(&sub.destination, "Charge", b"{}".to_vec());
     let result = t.publish(std::slice::from_ref(&c)).await.remove(0);
     if h.capabilities().commands_need_owner {
         let err = result.unwrap_err();
@@ -399,9 +399,9 @@ pub async fn refused_command_is_not_overtaken_by_its_key(h: &dyn ConsumerHarness
         .await
         .unwrap();
     let store = Arc::new(crate::MemoryStore::new());
-    let ev = |ty: &str, n: u8, key: &str| Message::event(&topic, ty, vec![n]).with_key(key);
+    let ev = |ty: &str, n: u8, key: &str| Message::raw_event(&topic, ty, vec![n]).with_key(key);
     store.enqueue(ev("Before", 0, "order-1"));
-    store.enqueue(Message::command(&queue, "Charge", vec![1]).with_key("order-1"));
+    store.enqueue(Message::raw_command(&queue, "Charge", vec![1]).with_key("order-1"));
     store.enqueue(ev("After", 2, "order-1"));
     store.enqueue(ev("After", 3, "order-1"));
     store.enqueue(ev("Other", 4, "order-2"));

@@ -28,7 +28,7 @@ impl Handler<sqlx::Sqlite> for ConfirmAndCharge {
             .execute(&mut *tx)
             .await?;
         // The next step's command commits with this step: the workflow never loses a step.
-        let charge = Message::command("billing", "ChargeCard", m.payload.clone()).caused_by(m);
+        let charge = Message::raw_command("billing", "ChargeCard", m.payload.clone()).caused_by(m);
         self.writer.send(tx, &charge).await?;
         Ok(())
     }
@@ -111,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut tx = pool.begin().await?;
     let placed =
-        Message::event("orders", "OrderPlaced", br#"{"order":7}"#.to_vec()).with_key("order-7");
+        Message::raw_event("orders", "OrderPlaced", br#"{"order":7}"#.to_vec()).with_key("order-7");
     writer.publish(&mut tx, &placed).await?;
     tx.commit().await?;
     relay.tick().await?;

@@ -28,7 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .execute(&mut *tx)
         .await?;
     let placed =
-        Message::event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec()).with_key("order-42");
+        Message::raw_event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec()).with_key("order-42");
     writer.publish(&mut tx, &placed).await?;
     tx.commit().await?;
 

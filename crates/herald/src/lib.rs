@@ -23,7 +23,7 @@
 //! // The business change and its event commit together.
 //! let mut tx = pool.begin().await.unwrap();
 //! SqliteOutboxWriter::new(&table)
-//!     .enqueue(&mut tx, &Message::event("orders", "OrderPlaced", br#"{"id":1}"#.to_vec()).with_key("order-1"))
+//!     .enqueue(&mut tx, &Message::raw_event("orders", "OrderPlaced", br#"{"id":1}"#.to_vec()).with_key("order-1"))
 //!     .await?;
 //! tx.commit().await.unwrap();
 //!
@@ -46,6 +46,7 @@ pub use herald_core::{
 };
 pub use herald_core::{
     backoff, cloudevents, consumer, fallback, membership, memory, message, relay, telemetry, trace,
+    typed,
 };
 
 /// Prometheus metrics, `/healthz` and `/readyz`, logs and OpenTelemetry export over OTLP (the
@@ -58,13 +59,29 @@ pub use herald_telemetry as observability;
 #[doc(hidden)]
 pub use herald_core::driver;
 
-/// PostgreSQL storage.
+/// PostgreSQL storage, and the host and typed handlers on it.
 #[cfg(feature = "postgres")]
-pub use herald_postgres as postgres;
+pub mod postgres {
+    pub use herald_postgres::*;
+    /// The host on PostgreSQL: [`crate::Host`].
+    pub type Host = crate::Host<PgDialect>;
+    /// Typed handlers by message type on PostgreSQL: [`crate::Router`].
+    pub type Router = crate::Router<PgDialect>;
+    /// What a typed handler sees on PostgreSQL: [`crate::Context`].
+    pub type Context<'a> = crate::Context<'a, PgDialect>;
+}
 
-/// SQLite storage.
+/// SQLite storage, and the host and typed handlers on it.
 #[cfg(feature = "sqlite")]
-pub use herald_sqlite as sqlite;
+pub mod sqlite {
+    pub use herald_sqlite::*;
+    /// The host on SQLite: [`crate::Host`].
+    pub type Host = crate::Host<SqliteDialect>;
+    /// Typed handlers by message type on SQLite: [`crate::Router`].
+    pub type Router = crate::Router<SqliteDialect>;
+    /// What a typed handler sees on SQLite: [`crate::Context`].
+    pub type Context<'a> = crate::Context<'a, SqliteDialect>;
+}
 
 /// RabbitMQ transport.
 #[cfg(feature = "rabbitmq")]
@@ -78,9 +95,17 @@ pub use herald_nats as nats;
 #[cfg(feature = "embedded")]
 pub use herald_embedded as embedded;
 
-/// MySQL and MariaDB storage.
+/// MySQL and MariaDB storage, and the host and typed handlers on it.
 #[cfg(feature = "mysql")]
-pub use herald_mysql as mysql;
+pub mod mysql {
+    pub use herald_mysql::*;
+    /// The host on MySQL or MariaDB: [`crate::Host`].
+    pub type Host = crate::Host<MySqlDialect>;
+    /// Typed handlers by message type on MySQL or MariaDB: [`crate::Router`].
+    pub type Router = crate::Router<MySqlDialect>;
+    /// What a typed handler sees on MySQL or MariaDB: [`crate::Context`].
+    pub type Context<'a> = crate::Context<'a, MySqlDialect>;
+}
 
 /// Redis Streams transport.
 #[cfg(feature = "redis")]
@@ -91,6 +116,18 @@ pub use herald_redis as redis;
 pub use herald_kafka as kafka;
 
 pub mod connect;
+mod host;
+
+pub use host::{Backend, Host, HostBuilder, Running, shutdown_signal};
+pub use herald_core::typed::{Codec, Json};
+pub use herald_sql::{Context, Handle, Handler, Router, Statement, Unknown};
+
+/// The sqlx this herald was built against (0.9): use it for your own queries, so that the
+/// connection and pool types are the ones herald's functions take.
+pub use sqlx;
+
+/// The `#[async_trait]` attribute that implementing [`Handle`] and [`Handler`] takes.
+pub use async_trait::async_trait;
 
 /// Dead-letter administration (list, show, replay, purge) on any SQL database.
 pub use herald_sql::dead_letters;

@@ -31,7 +31,7 @@ impl Env {
             payload.push('x');
         }
         payload.push_str("\"}");
-        Message::event(&self.topic, "OrderPlaced", payload.into_bytes())
+        Message::raw_event(&self.topic, "OrderPlaced", payload.into_bytes())
             .with_key(format!("order-{}", i % 1000))
     }
 

@@ -63,7 +63,7 @@ pub fn key_seq(m: &Message) -> (String, u64) {
 /// The event announcing that aggregate `agg` reached `version`.
 pub fn event(topic: &str, agg: &str, version: i64) -> Message {
     let payload = serde_json::json!({ "agg": agg, "version": version });
-    Message::event(topic, "AggregateBumped", payload.to_string().into_bytes())
+    Message::raw_event(topic, "AggregateBumped", payload.to_string().into_bytes())
         .with_key(agg)
         .with_source("/herald/verify")
 }
