@@ -47,9 +47,9 @@ pub use error::{BoxError, Error, Result};
 pub use fallback::{FallbackPublisher, FallbackReport, Park};
 pub use membership::{Heartbeat, Holdings, RelayInfo, RelayState, RelayStatus};
 pub use message::{Kind, Message};
-pub use typed::{Codec, Json};
 pub use relay::{Failpoint, Relay, TickReport, Waker};
 pub use store::{Claim, DestinationStats, Lease, OutboxRow, OutboxStore, RejectionOutcome};
 pub use transport::{
     Delivery, Received, ReplayFrom, Subscriber, Subscription, Transport, Undecodable,
 };
+pub use typed::{Codec, Json};

@@ -21,9 +21,9 @@
 //! enum) take their Rust name without the module path. [`Message::with_type`] overrides it for
 //! one message.
 
+use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};
 use serde::ser::Impossible;
-use serde::Serialize;
 
 use crate::{Error, Kind, Message, Result};
 
@@ -263,10 +263,22 @@ impl serde::Serializer for NameOf {
     type SerializeStructVariant = Never;
 
     unnamed!(
-        serialize_bool(bool), serialize_i8(i8), serialize_i16(i16), serialize_i32(i32),
-        serialize_i64(i64), serialize_u8(u8), serialize_u16(u16), serialize_u32(u32),
-        serialize_u64(u64), serialize_f32(f32), serialize_f64(f64), serialize_char(char),
-        serialize_str(&str), serialize_bytes(&[u8]), serialize_none(), serialize_unit(),
+        serialize_bool(bool),
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_u8(u8),
+        serialize_u16(u16),
+        serialize_u32(u32),
+        serialize_u64(u64),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_str(&str),
+        serialize_bytes(&[u8]),
+        serialize_none(),
+        serialize_unit(),
     );
 
     fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Probe {
@@ -278,11 +290,7 @@ impl serde::Serializer for NameOf {
     fn serialize_unit_variant(self, name: &'static str, _: u32, _: &'static str) -> Probe {
         Err(Probed(Some(name)))
     }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        name: &'static str,
-        _: &T,
-    ) -> Probe {
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, name: &'static str, _: &T) -> Probe {
         Err(Probed(Some(name)))
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -335,11 +343,7 @@ impl<'de> serde::Deserializer<'de> for NameOf {
     fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Probe<V::Value> {
         Err(Probed(None))
     }
-    fn deserialize_unit_struct<V: Visitor<'de>>(
-        self,
-        name: &'static str,
-        _: V,
-    ) -> Probe<V::Value> {
+    fn deserialize_unit_struct<V: Visitor<'de>>(self, name: &'static str, _: V) -> Probe<V::Value> {
         Err(Probed(Some(name)))
     }
     fn deserialize_newtype_struct<V: Visitor<'de>>(
@@ -443,19 +447,34 @@ mod tests {
         let renamed = m.clone().with_type("billing.charge");
         assert_eq!(renamed.message_type, "billing.charge");
 
-        let bad = Message::raw_event("orders", "OrderPlaced", br#"{"order":"seven","secret":"x"}"#.to_vec());
+        let bad = Message::raw_event(
+            "orders",
+            "OrderPlaced",
+            br#"{"order":"seven","secret":"x"}"#.to_vec(),
+        );
         let e = bad.json::<OrderPlaced>().unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, Error::Decode { .. }));
-        assert!(text.contains("OrderPlaced") && text.contains("invalid type"), "{text}");
-        assert!(!text.contains("seven"), "the payload's value leaked: {text}");
+        assert!(
+            text.contains("OrderPlaced") && text.contains("invalid type"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("seven"),
+            "the payload's value leaked: {text}"
+        );
         let missing = Message::raw_event("orders", "OrderPlaced", b"{}".to_vec());
         let text = missing.json::<OrderPlaced>().unwrap_err().to_string();
         assert!(text.contains("missing field `order`"), "{text}");
 
         let xml = Message::raw_event("orders", "OrderPlaced", b"<o/>".to_vec())
             .with_content_type("application/xml");
-        assert!(xml.decode::<OrderPlaced>().unwrap_err().to_string().contains("not JSON"));
+        assert!(
+            xml.decode::<OrderPlaced>()
+                .unwrap_err()
+                .to_string()
+                .contains("not JSON")
+        );
     }
 
     #[test]
@@ -468,10 +487,19 @@ mod tests {
 
     #[test]
     fn json_content_types() {
-        for ct in ["application/json", "application/cloudevents+json; charset=utf-8", "", "TEXT/JSON"] {
+        for ct in [
+            "application/json",
+            "application/cloudevents+json; charset=utf-8",
+            "",
+            "TEXT/JSON",
+        ] {
             assert!(is_json(ct), "{ct}");
         }
-        for ct in ["application/xml", "application/octet-stream", "application/jsonx"] {
+        for ct in [
+            "application/xml",
+            "application/octet-stream",
+            "application/jsonx",
+        ] {
             assert!(!is_json(ct), "{ct}");
         }
     }

@@ -155,8 +155,14 @@ mod tests {
         assert!(check_limits(&ok).is_ok());
         let long = "x".repeat(256);
         for (m, what) in [
-            (Message::raw_command(long.clone(), "T", vec![]), "destination"),
-            (Message::raw_command("q", long.clone(), vec![]), "message_type"),
+            (
+                Message::raw_command(long.clone(), "T", vec![]),
+                "destination",
+            ),
+            (
+                Message::raw_command("q", long.clone(), vec![]),
+                "message_type",
+            ),
             (ok.clone().with_content_type(long.clone()), "content_type"),
             (Message::raw_event("amq.topic", "T", vec![]), "amq."),
         ] {

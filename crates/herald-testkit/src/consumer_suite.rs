@@ -210,7 +210,9 @@ pub async fn competing_instances_handle_each_command_once(h: &dyn ConsumerHarnes
     let (c1, c2) = (consumer(h, &sub, None).await, consumer(h, &sub, None).await);
     let (s1, s2) = (c1.subscribe().await.unwrap(), c2.subscribe().await.unwrap());
     let cmds: Vec<_> = (0..40u8)
-        .map(|i| Message::raw_command(&sub.destination, "Charge", vec![i]).with_key(format!("o{i}")))
+        .map(|i| {
+            Message::raw_command(&sub.destination, "Charge", vec![i]).with_key(format!("o{i}"))
+        })
         .collect();
     publish(&h.transport().await, &cmds).await;
     let run = |c: Consumer, mut s: Box<dyn Subscriber>| async move {

@@ -78,7 +78,11 @@ impl<D: Backend> Handle<D, ChargeCard> for Billing {
 }
 
 /// The order service: the order row and its event commit together, or not at all.
-async fn place_order<D: Backend>(host: &Host<D>, order: i64, roll_back: bool) -> herald::Result<()> {
+async fn place_order<D: Backend>(
+    host: &Host<D>,
+    order: i64,
+    roll_back: bool,
+) -> herald::Result<()> {
     let placed = OrderPlaced {
         order,
         customer: format!("customer-{}", order % 17),
@@ -147,14 +151,17 @@ async fn main() -> ExitCode {
         }
     };
     let scratch = std::env::temp_dir().join(format!("herald-shop-{}", std::process::id()));
-    let database = args.database.clone().unwrap_or_else(|| {
-        format!("sqlite://{}/shop.db", scratch.display())
-    });
+    let database = args
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/shop.db", scratch.display()));
     let broker = args
         .broker
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}/broker.db", scratch.display()));
-    if args.database.is_none() && let Err(e) = std::fs::create_dir_all(&scratch) {
+    if args.database.is_none()
+        && let Err(e) = std::fs::create_dir_all(&scratch)
+    {
         eprintln!("shop: cannot create {}: {e}", scratch.display());
         return ExitCode::FAILURE;
     }
@@ -191,8 +198,16 @@ async fn shop<D: Backend>(database: &str, broker: &str, orders: i64) -> Result<b
     let host = Host::<D>::builder()
         .database(database)
         .broker(broker)
-        .events("orders", "email-service", Router::<D>::new().on::<OrderPlaced, _>(Emails))
-        .commands("billing", "billing", Router::<D>::new().on::<ChargeCard, _>(Billing))
+        .events(
+            "orders",
+            "email-service",
+            Router::<D>::new().on::<OrderPlaced, _>(Emails),
+        )
+        .commands(
+            "billing",
+            "billing",
+            Router::<D>::new().on::<ChargeCard, _>(Billing),
+        )
         .build()
         .await?;
     let mut conn = host.pool().acquire().await?;
@@ -259,7 +274,12 @@ async fn count<D: Backend>(host: &Host<D>, from: i64, to: i64) -> herald::Result
         .await
         .map_err(|e| herald::Error::unavailable("the database", e))?;
     let mut one = async |sql: &str| -> herald::Result<i64> {
-        let n = host.statement(sql).int(from).int(to).fetch_int(&mut conn).await?;
+        let n = host
+            .statement(sql)
+            .int(from)
+            .int(to)
+            .fetch_int(&mut conn)
+            .await?;
         Ok(n.unwrap_or(0))
     };
     let range = "order_id >= ? AND order_id < ?";

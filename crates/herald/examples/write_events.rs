@@ -27,8 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bind(42)
         .execute(&mut *tx)
         .await?;
-    let placed =
-        Message::raw_event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec()).with_key("order-42");
+    let placed = Message::raw_event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec())
+        .with_key("order-42");
     writer.publish(&mut tx, &placed).await?;
     tx.commit().await?;
 

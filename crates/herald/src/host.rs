@@ -93,8 +93,7 @@ enum Source<T> {
 }
 
 type MakeApply<D> = Box<
-    dyn FnOnce(Pool<<D as Dialect>::DB>, &Identifier) -> Result<Arc<dyn herald_core::Apply>>
-        + Send,
+    dyn FnOnce(Pool<<D as Dialect>::DB>, &Identifier) -> Result<Arc<dyn herald_core::Apply>> + Send,
 >;
 
 /// Builds a [`Host`]: [`Host::builder`].
@@ -192,7 +191,8 @@ impl<D: Backend> HostBuilder<D> {
     /// A consumer of `subscription` (with its prefetch, say) through `handler`.
     pub fn consumer<H: Handler<D::DB>>(mut self, subscription: Subscription, handler: H) -> Self {
         let make: MakeApply<D> = Box::new(move |pool, table| {
-            Ok(Arc::new(Applier::<D, H>::new(pool, table, handler)?) as Arc<dyn herald_core::Apply>)
+            Ok(Arc::new(Applier::<D, H>::new(pool, table, handler)?)
+                as Arc<dyn herald_core::Apply>)
         });
         let config = Some(self.consumer_config.clone());
         self.consumers.push((subscription, config, make));

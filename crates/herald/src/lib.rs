@@ -118,9 +118,9 @@ pub use herald_kafka as kafka;
 pub mod connect;
 mod host;
 
-pub use host::{Backend, Host, HostBuilder, Running, shutdown_signal};
 pub use herald_core::typed::{Codec, Json};
 pub use herald_sql::{Context, Handle, Handler, Router, Statement, Unknown};
+pub use host::{Backend, Host, HostBuilder, Running, shutdown_signal};
 
 /// The sqlx this herald was built against (0.9): use it for your own queries, so that the
 /// connection and pool types are the ones herald's functions take.
