@@ -82,14 +82,13 @@ async fn place_order<D: Backend>(
     host: &Host<D>,
     order: i64,
     roll_back: bool,
-) -> herald::Result<()> {
+) -> Result<(), BoxError> {
     let placed = OrderPlaced {
         order,
         customer: format!("customer-{}", order % 17),
         total_cents: 1000 + order % 5000,
     };
-    let begun = host.pool().begin().await;
-    let mut tx = begun.map_err(|e| herald::Error::unavailable("beginning a transaction", e))?;
+    let mut tx = host.begin().await?;
     host.statement("INSERT INTO shop_orders (id, customer, total_cents) VALUES (?, ?, ?)")
         .int(placed.order)
         .text(&placed.customer)
@@ -98,12 +97,12 @@ async fn place_order<D: Backend>(
         .await?;
     let event = Message::event("orders", &placed)?.with_key(format!("order-{order}"));
     host.writer().publish(&mut tx, &event).await?;
-    let done = if roll_back {
-        tx.rollback().await
+    if roll_back {
+        tx.rollback().await?; // the order and its event are gone together
     } else {
-        tx.commit().await
-    };
-    done.map_err(|e| herald::Error::unavailable("ending a transaction", e))
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 struct Args {

@@ -9,6 +9,12 @@ use std::sync::Arc;
 use herald::sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
 use herald::{Identifier, Message, Relay, RelayConfig};
 
+/// The event: a serde type, sent as JSON with the type name `OrderPlaced`.
+#[derive(serde::Serialize)]
+struct OrderPlaced {
+    order: i64,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("herald-example-{}", std::process::id()));
@@ -27,8 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bind(42)
         .execute(&mut *tx)
         .await?;
-    let placed = Message::raw_event("orders", "OrderPlaced", br#"{"order":42}"#.to_vec())
-        .with_key("order-42");
+    let placed = Message::event("orders", &OrderPlaced { order: 42 })?.with_key("order-42");
     writer.publish(&mut tx, &placed).await?;
     tx.commit().await?;
 

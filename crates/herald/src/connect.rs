@@ -274,6 +274,12 @@ pub async fn migrate(db: &Database, table: &Identifier) -> Result<Vec<i64>> {
     })
 }
 
+/// The broker at `url` (a string; the password is never shown): [`open_transport`] after
+/// [`parse_url`].
+pub async fn transport(url: &str) -> Result<Arc<dyn Transport>> {
+    open_transport(&parse_url("broker", url)?).await
+}
+
 /// The broker at `url`: `amqp://` or `amqps://` for RabbitMQ, `nats://` for NATS JetStream,
 /// `kafka://` for Kafka, `redis://` for Redis Streams, `sqlite://` for the embedded one.
 pub async fn open_transport(url: &SecretUrl) -> Result<Arc<dyn Transport>> {

@@ -324,6 +324,15 @@ impl<D: Backend> Host<D> {
         &self.pool
     }
 
+    /// Begins a transaction on the pool: the service's business rows and the messages it
+    /// writes with [`writer`](Self::writer) commit together.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, D::DB>> {
+        self.pool
+            .begin()
+            .await
+            .map_err(|e| herald_sql::db::<D>("beginning a transaction", e))
+    }
+
     /// Writes messages into the outbox in the caller's transaction.
     pub fn writer(&self) -> &OutboxWriter<D> {
         &self.writer

@@ -1,41 +1,88 @@
 //! herald: never fail to publish an event.
 //!
-//! Write events into an outbox table in the same database transaction as the state change they
-//! announce; herald's relay publishes them to the broker after the commit (at least once, in
-//! commit order per key), and never publishes the events of a transaction that rolled back.
-//!
-//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `mysql`,
-//! `rabbitmq`, `nats`, `kafka`, `redis`. [`connect`] opens each from a URL; `examples/` shows
-//! writing events, a consumer that sends the next command, and the sidecar setup.
+//! A service writes its events and commands into an outbox table in the same database
+//! transaction as the state change they announce; herald's relay publishes them to the broker
+//! after the commit (at least once, in commit order per key) and never publishes the messages of
+//! a transaction that rolled back; herald's consumers apply each message once, in one
+//! transaction with its inbox record.
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> herald::Result<()> {
-//! use std::sync::Arc;
-//! use herald::{Identifier, Message, Relay, RelayConfig};
-//! use herald::sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
+//! use herald::sqlite::{Context, Host, Router, SqliteDialect};
+//! use herald::{BoxError, Handle, Message, async_trait};
+//! use serde::{Deserialize, Serialize};
 //!
-//! let dir = std::env::temp_dir().join(format!("herald-doc-{}", std::process::id()));
-//! std::fs::create_dir_all(&dir).unwrap();
-//! let pool = connect(&format!("sqlite://{}/app.db", dir.display())).await?;
-//! let table = Identifier::new("herald_outbox")?;
-//! migrate(&pool, &table).await?;
+//! #[derive(Serialize, Deserialize)]
+//! struct OrderPlaced { order: i64 }
 //!
-//! // The business change and its event commit together.
-//! let mut tx = pool.begin().await.unwrap();
-//! SqliteOutboxWriter::new(&table)
-//!     .enqueue(&mut tx, &Message::raw_event("orders", "OrderPlaced", br#"{"id":1}"#.to_vec()).with_key("order-1"))
+//! /// The email service: runs in the inbox transaction, so each order is emailed once.
+//! struct Emails;
+//!
+//! #[async_trait]
+//! impl Handle<SqliteDialect, OrderPlaced> for Emails {
+//!     async fn handle(&self, ctx: &mut Context<'_>, placed: OrderPlaced) -> Result<(), BoxError> {
+//!         herald::sqlx::query("INSERT INTO emails (order_id) VALUES (?1)")
+//!             .bind(placed.order)
+//!             .execute(ctx.tx())
+//!             .await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+//! # let dir = std::env::temp_dir().join(format!("herald-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let (database, broker) = (format!("sqlite://{}/shop.db", dir.display()), format!("sqlite://{}/broker.db", dir.display()));
+//! // One host: the database, the broker, the relay and the consumers.
+//! let host = Host::builder()
+//!     .database(database) // "sqlite://shop.db"
+//!     .broker(broker)     // "sqlite://broker.db": the embedded broker; or amqp://, nats://, ...
+//!     .events("orders", "email-service", Router::new().on::<OrderPlaced, _>(Emails))
+//!     .build()
 //!     .await?;
-//! tx.commit().await.unwrap();
+//! herald::sqlx::query("CREATE TABLE emails (order_id INTEGER NOT NULL)").execute(host.pool()).await?;
+//! let running = host.start().await?; // declares the queues, then relays and consumes
 //!
-//! // The relay publishes it to the broker, here the embedded one.
-//! let broker = herald::embedded::EmbeddedTransport::open(&format!("sqlite://{}/broker.db", dir.display())).await?;
-//! let store = SqliteOutbox::new(pool, table).await?;
-//! let relay = Relay::new(Arc::new(store), Arc::new(broker.clone()), RelayConfig::default())?;
-//! assert_eq!(relay.tick().await?.published, 1);
-//! assert_eq!(broker.log_len("orders").await?, 1);
+//! // The business change and its event commit together, or not at all.
+//! let mut tx = host.begin().await?;
+//! let placed = Message::event("orders", &OrderPlaced { order: 7 })?.with_key("order-7");
+//! host.writer().publish(&mut tx, &placed).await?;
+//! tx.commit().await?;
+//!
+//! # let mut emailed = 0i64;
+//! # for _ in 0..500 {
+//! #     emailed = herald::sqlx::query_scalar("SELECT COUNT(*) FROM emails").fetch_one(host.pool()).await?;
+//! #     if emailed == 1 { break }
+//! #     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+//! # }
+//! # assert_eq!(emailed, 1);
+//! running.stop().await?; // or host.run_until_signal().await? in a service
 //! # std::fs::remove_dir_all(&dir).ok();
 //! # Ok(()) }
 //! ```
+//!
+//! **The pieces**, each with one constructor, for when the host is not what you want:
+//!
+//! | what | constructor |
+//! | --- | --- |
+//! | a typed message | [`Message::event`]`(topic, &value)?`, [`Message::command`]`(queue, &value)?` (bytes: [`Message::raw_event`]) |
+//! | the writer | [`Host::writer`], or `sqlite::SqliteOutboxWriter::new(&table)` (`PgOutboxWriter`, `MySqlOutboxWriter`) |
+//! | the relay's outbox | `sqlite::SqliteOutbox::new(pool, table).await?` (`PgOutbox`, `MySqlOutbox`) |
+//! | a broker from a URL | [`connect::transport`]`("amqp://...").await?` |
+//! | the relay | [`Relay::new`]`(Arc::new(outbox), transport, RelayConfig::default())?` |
+//! | a consumer | [`Consumer::new`]`(transport, Arc::new(sqlite::SqliteApplier::new(pool, &table, router)?), Subscription::events(topic, service), ConsumerConfig::default())?` |
+//! | typed handlers | [`Router::new`]`().on::<OrderPlaced, _>(handler)`, handlers implement [`Handle`] |
+//! | everything together | [`Host::builder`] |
+//!
+//! Backends are Cargo features: `sqlite` and `embedded` (default), `postgres`, `mysql`,
+//! `rabbitmq`, `nats`, `kafka`, `redis`; `observability` and `otlp` for metrics and traces.
+//! herald re-exports the [`sqlx`] it was built against (0.9): use `herald::sqlx` for your own
+//! queries and a version mismatch cannot happen. `examples/shop.rs` is the whole order story
+//! (an order service, an email service, a billing service) on any database and broker.
+//!
+//! **Typed messages** ([`typed`]): the message type is serde's name for the payload's type (its
+//! `#[serde(rename)]` if it has one); a payload that does not decode into the handler's type is
+//! parked at once with serde's error (never the payload's values); a type no handler is
+//! registered for is parked if it is a command and skipped if it is an event ([`Unknown`]).
 
 pub use herald_core::{
     Applied, Apply, BoxError, Claim, Consumer, ConsumerConfig, Delivery, DestinationStats, Error,

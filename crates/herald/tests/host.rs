@@ -198,12 +198,13 @@ async fn typed_handlers_by_type_and_what_cannot_be_handled_is_parked_at_once() {
     .await;
     running.stop().await.unwrap();
 
-    let seen = |kind: &str| {
-        format!("SELECT COUNT(*) FROM seen WHERE kind = '{kind}'")
-    };
+    let seen = |kind: &str| format!("SELECT COUNT(*) FROM seen WHERE kind = '{kind}'");
     assert_eq!(count(&host, &seen("placed")).await, 3);
     assert_eq!(count(&host, &seen("cancelled")).await, 1);
-    assert_eq!(count(&host, "SELECT n FROM seen WHERE kind = 'charge'").await, 7005);
+    assert_eq!(
+        count(&host, "SELECT n FROM seen WHERE kind = 'charge'").await,
+        7005
+    );
 
     let mut parked = dead_letters(&host, Side::Consumer).await;
     parked.sort_by(|a, b| a.message_type.cmp(&b.message_type));
@@ -213,7 +214,9 @@ async fn typed_handlers_by_type_and_what_cannot_be_handled_is_parked_at_once() {
     assert_eq!(undecodable.attempts, 1, "parked at once, not retried");
     assert!(
         undecodable.reason.contains("not a valid OrderPlaced")
-            && undecodable.reason.contains("invalid type: string, expected i64"),
+            && undecodable
+                .reason
+                .contains("invalid type: string, expected i64"),
         "{}",
         undecodable.reason
     );
@@ -225,9 +228,9 @@ async fn typed_handlers_by_type_and_what_cannot_be_handled_is_parked_at_once() {
     assert_eq!(unhandled.message_type, "RefundCard");
     assert_eq!(unhandled.attempts, 1);
     assert!(
-        unhandled
-            .reason
-            .contains("no handler for message type \"RefundCard\"; this service handles ChargeCard"),
+        unhandled.reason.contains(
+            "no handler for message type \"RefundCard\"; this service handles ChargeCard"
+        ),
         "{}",
         unhandled.reason
     );
@@ -280,7 +283,10 @@ async fn declaring_the_topology_is_what_lets_an_early_command_through() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(published, 1, "the command is accepted once its queue is declared");
+    assert_eq!(
+        published, 1,
+        "the command is accepted once its queue is declared"
+    );
 
     // `start` declares too (again: declaring is idempotent) and the owner applies it.
     let running = host.start().await.unwrap();
@@ -291,7 +297,10 @@ async fn declaring_the_topology_is_what_lets_an_early_command_through() {
     running.stop().await.unwrap();
     assert!(dead_letters(&host, Side::Relay).await.is_empty());
     assert_eq!(
-        host.consumers()[0].counters().applied.load(Ordering::Relaxed),
+        host.consumers()[0]
+            .counters()
+            .applied
+            .load(Ordering::Relaxed),
         1
     );
 }
@@ -313,9 +322,7 @@ async fn configuration_mistakes_fail_at_build_and_say_what_to_change() {
         )
         .build()
         .await;
-    assert!(
-        error(twice).contains("two handlers for the message type(s) OrderPlaced"),
-    );
+    assert!(error(twice).contains("two handlers for the message type(s) OrderPlaced"),);
 
     let wrong = Host::builder()
         .database("postgres://app:s3cret@db.invalid/shop")
@@ -328,7 +335,13 @@ async fn configuration_mistakes_fail_at_build_and_say_what_to_change() {
     let text = error(Host::builder().broker(dir.broker()).build().await);
     assert!(text.contains("needs a database"), "{text}");
 
-    let text = error(Host::builder().database(dir.db()).broker("  ").build().await);
+    let text = error(
+        Host::builder()
+            .database(dir.db())
+            .broker("  ")
+            .build()
+            .await,
+    );
     assert!(text.contains("broker"), "{text}");
 
     let text = error(
@@ -339,7 +352,10 @@ async fn configuration_mistakes_fail_at_build_and_say_what_to_change() {
             .build()
             .await,
     );
-    assert!(text.contains("no spaces; please") || text.contains("identifier"), "{text}");
+    assert!(
+        text.contains("no spaces; please") || text.contains("identifier"),
+        "{text}"
+    );
 
     let zero = herald::RelayConfig {
         batch_size: 0,
