@@ -29,6 +29,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use herald_core::{
     Consumer, ConsumerConfig, Error, Identifier, Relay, RelayConfig, Result, SecretUrl,
@@ -266,6 +267,7 @@ impl<D: Backend> HostBuilder<D> {
             transport,
             relay,
             consumers,
+            started: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -302,6 +304,7 @@ pub struct Host<D: Backend> {
     transport: Arc<dyn Transport>,
     relay: Option<Relay>,
     consumers: Vec<Consumer>,
+    started: Arc<AtomicBool>,
 }
 
 impl<D: Backend> Host<D> {
@@ -379,6 +382,12 @@ impl<D: Backend> Host<D> {
     /// Declares the topology, checks durability, and starts the relay and the consumers in the
     /// background; [`Running::stop`] stops them.
     pub async fn start(&self) -> Result<Running> {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return Err(Error::config(
+                "this host is already running: stop it (Running::stop) before starting it again",
+            ));
+        }
+        let guard = Started(self.started.clone());
         self.declare().await?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -396,7 +405,11 @@ impl<D: Backend> Host<D> {
             tasks.spawn(async move { (name, consumer.run(until(rx)).await) });
         }
         info!(broker = %self.transport.describe(), relay = self.relay.is_some(), consumers = self.consumers.len(), "herald host started");
-        Ok(Running { stop, tasks })
+        Ok(Running {
+            stop,
+            tasks,
+            _started: guard,
+        })
     }
 
     /// Runs until `shutdown` completes, then stops everything gracefully: in-flight batches are
@@ -445,10 +458,21 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// A started host: [`Host::start`].
+/// A started host: [`Host::start`]. Stop it with [`stop`](Self::stop); dropping it instead
+/// aborts every part at once (no loss: what was in flight is published or delivered again).
 pub struct Running {
     stop: watch::Sender<bool>,
     tasks: JoinSet<(String, Result<()>)>,
+    _started: Started,
+}
+
+/// Marks the host as running until dropped (after every part stopped).
+struct Started(Arc<AtomicBool>);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Running {

@@ -393,3 +393,69 @@ async fn the_in_process_relay_warns_when_the_database_may_lose_commits() {
     // A stop right after the start is clean.
     host.run(async {}).await.unwrap();
 }
+
+/// Panics on order 13, records the others.
+struct Fragile;
+
+#[async_trait]
+impl Handle<SqliteDialect, OrderPlaced> for Fragile {
+    async fn handle(&self, ctx: &mut Context<'_>, m: OrderPlaced) -> Result<(), BoxError> {
+        assert_ne!(m.order, 13, "order 13 is cursed");
+        seen(ctx, "placed", m.order).await
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_is_retried_then_parked_and_other_keys_flow() {
+    let dir = Scratch::new();
+    let host = Host::builder()
+        .database(dir.db())
+        .broker(dir.broker())
+        .consumer_config(ConsumerConfig {
+            max_attempts: 2,
+            retry_initial: Duration::from_millis(20),
+            ..ConsumerConfig::default()
+        })
+        .events(
+            "orders",
+            "ledger",
+            Router::new().on::<OrderPlaced, _>(Fragile),
+        )
+        .build()
+        .await
+        .unwrap();
+    let mut conn = host.pool().acquire().await.unwrap();
+    host.statement("CREATE TABLE seen (kind TEXT NOT NULL, n INTEGER NOT NULL)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let mut tx = host.begin().await.unwrap();
+    for order in [12, 13, 14] {
+        let m = Message::event("orders", &OrderPlaced { order }).unwrap();
+        host.writer()
+            .publish(&mut tx, &m.with_key(format!("o{order}")))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let running = host.start().await.unwrap();
+    let again = host.start().await.err().expect("a second start is refused");
+    assert!(again.to_string().contains("already running"), "{again}");
+    eventually("the other orders and the parked one", async || {
+        count(&host, "SELECT COUNT(*) FROM seen").await == 2
+            && dead_letters(&host, Side::Consumer).await.len() == 1
+    })
+    .await;
+    running.stop().await.unwrap();
+    let parked = dead_letters(&host, Side::Consumer).await;
+    assert_eq!(parked[0].attempts, 2);
+    assert!(
+        parked[0].reason.contains("the handler panicked") && parked[0].reason.contains("cursed"),
+        "{}",
+        parked[0].reason
+    );
+    // Stopped hosts start again.
+    host.start().await.unwrap().stop().await.unwrap();
+}
