@@ -569,13 +569,9 @@ impl Consumer {
     /// acknowledged) before returning. Also replays marked dead letters and purges the inbox.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
     where
-        F: std::future::Future<Output = ()> + Send + 'static,
+        F: std::future::Future<Output = ()> + Send,
     {
         let (stop_tx, mut stop) = watch::channel(false);
-        let signal = tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
         let mut sub = self.subscribe().await?;
         let cfg = &self.inner.config;
         // Housekeeping runs beside the delivery loop rather than in a select with it, so a
@@ -601,14 +597,22 @@ impl Consumer {
             tokio::spawn(async move { me.lag_loop().await })
         };
         info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
-        let result = if cfg.concurrency <= 1 {
-            self.sequential(&mut sub, &mut stop).await
-        } else {
-            self.keyed(&mut sub, &mut stop).await
+        let mut work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> =
+            if cfg.concurrency <= 1 {
+                Box::pin(self.sequential(&mut sub, &mut stop))
+            } else {
+                Box::pin(self.keyed(&mut sub, &mut stop))
+            };
+        // The shutdown future is polled here rather than spawned, so it may borrow.
+        let result = tokio::select! {
+            result = &mut work => result,
+            () = shutdown => {
+                let _ = stop_tx.send(true);
+                work.await
+            }
         };
         housekeeping.abort();
         lag.abort();
-        signal.abort();
         result
     }
 

@@ -1088,8 +1088,10 @@ impl Relay {
     /// database error (such as a missing table) ends the run early.
     pub async fn run<F>(&self, shutdown: F) -> Result<()>
     where
-        F: std::future::Future<Output = ()> + Send + 'static,
+        F: std::future::Future<Output = ()> + Send,
     {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut shutdown_fired = false;
         if let Err(e) = self.heartbeat().await {
             if !e.is_transient() {
                 return Err(e);
@@ -1098,13 +1100,6 @@ impl Relay {
         }
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_tx = Arc::new(stop_tx);
-        let signal = {
-            let stop_tx = stop_tx.clone();
-            tokio::spawn(async move {
-                shutdown.await;
-                let _ = stop_tx.send(true);
-            })
-        };
         // The heartbeat outlives the workers: batches finishing after the stop still need the
         // partitions held.
         let (beat_stop, beat_rx) = watch::channel(false);
@@ -1113,7 +1108,6 @@ impl Relay {
             let relay = self.clone();
             tokio::spawn(async move { relay.heartbeat_loop(beat_rx).await })
         }));
-        let signal = AbortOnDrop(Some(signal));
         let workers_n = self.inner.config.workers;
         self.inner.health.started(workers_n);
         let sampler = AbortOnDrop(Some({
@@ -1135,6 +1129,11 @@ impl Relay {
             let joined = match deadline {
                 None => tokio::select! {
                     joined = workers.join_next() => joined,
+                    () = &mut shutdown, if !shutdown_fired => {
+                        shutdown_fired = true;
+                        let _ = stop_tx.send(true);
+                        continue;
+                    }
                     _ = stopped.changed() => {
                         deadline = Some(tokio::time::Instant::now() + grace);
                         continue;
@@ -1174,7 +1173,6 @@ impl Relay {
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
         }
-        drop(signal);
         drop(sampler);
         let _ = beat_stop.send(true);
         beater.join().await;
