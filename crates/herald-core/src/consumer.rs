@@ -21,6 +21,7 @@ use tracing::{Instrument, info, warn};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::relay::AbortOnDrop;
 use crate::telemetry::names;
 use crate::trace;
 use crate::transport::{Delivery, Received, Subscriber, Subscription, Transport};
@@ -252,6 +253,12 @@ impl Consumer {
         &self.inner.counters
     }
 
+    /// Declares what this consumer needs on the broker, consuming nothing
+    /// ([`Transport::declare`]): before anything is published that it must not miss.
+    pub async fn declare(&self) -> Result<()> {
+        self.inner.transport.declare(&self.inner.subscription).await
+    }
+
     /// Opens the subscription.
     pub async fn subscribe(&self) -> Result<Box<dyn Subscriber>> {
         self.inner
@@ -355,7 +362,11 @@ impl Consumer {
                     let undecodable = matches!(e, Error::Decode { .. } | Error::Unhandled { .. });
                     if attempts >= cfg.max_attempts || undecodable {
                         trace::failed(span, &e);
-                        warn!(service, id = %d.message.id, attempts, %reason, "handler keeps failing; dead-lettering");
+                        if undecodable {
+                            warn!(service, id = %d.message.id, %reason, "cannot be handled as it is; parking it at once");
+                        } else {
+                            warn!(service, id = %d.message.id, attempts, %reason, "handler keeps failing; dead-lettering");
+                        }
                         self.retry_transient(|| {
                             self.inner
                                 .apply
@@ -576,9 +587,11 @@ impl Consumer {
         let cfg = &self.inner.config;
         // Housekeeping runs beside the delivery loop rather than in a select with it, so a
         // delivery being fetched is never dropped half-way.
-        let housekeeping = {
+        // Both are aborted when this future ends or is dropped (a consumer task aborted by its
+        // owner leaves nothing running).
+        let _housekeeping = {
             let me = self.clone();
-            tokio::spawn(async move {
+            AbortOnDrop::spawn(async move {
                 let cfg = &me.inner.config;
                 let mut tick = tokio::time::interval(cfg.housekeeping_every);
                 loop {
@@ -592,9 +605,9 @@ impl Consumer {
                 }
             })
         };
-        let lag = {
+        let _lag = {
             let me = self.clone();
-            tokio::spawn(async move { me.lag_loop().await })
+            AbortOnDrop::spawn(async move { me.lag_loop().await })
         };
         info!(service = %self.inner.subscription.service, destination = %self.inner.subscription.destination, "consumer started");
         let mut work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> =
@@ -611,8 +624,6 @@ impl Consumer {
                 work.await
             }
         };
-        housekeeping.abort();
-        lag.abort();
         result
     }
 

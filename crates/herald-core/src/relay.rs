@@ -162,9 +162,14 @@ pub struct KeepAlive {
 }
 
 /// A task aborted when the handle drops.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+pub(crate) struct AbortOnDrop(pub(crate) Option<tokio::task::JoinHandle<()>>);
 
 impl AbortOnDrop {
+    /// Spawns `task`, aborted when the guard is dropped.
+    pub(crate) fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        AbortOnDrop(Some(tokio::spawn(task)))
+    }
+
     async fn join(mut self) {
         if let Some(h) = self.0.take() {
             let _ = h.await;

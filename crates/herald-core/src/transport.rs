@@ -36,6 +36,16 @@ pub trait Transport: Send + Sync + 'static {
     /// copy); commands reach exactly one instance of the owning service.
     async fn subscribe(&self, subscription: &Subscription) -> Result<Box<dyn Subscriber>>;
 
+    /// Creates on the broker what `subscription` needs (the service's queue and bindings, its
+    /// stream and group, a command queue's owner) without consuming anything, so that what is
+    /// published from now on reaches it. The default subscribes and drops the subscriber, which
+    /// is right for brokers whose subscribers take nothing until their first `next`; a broker that
+    /// pushes deliveries at once (RabbitMQ) declares instead.
+    async fn declare(&self, subscription: &Subscription) -> Result<()> {
+        drop(self.subscribe(subscription).await?);
+        Ok(())
+    }
+
     /// One round trip to the broker, to tell whether it answers: the relay calls it (under a
     /// timeout) when it has had nothing to publish for a while, so `/readyz` notices a broker
     /// that went away while the outbox was idle. The default answers `Ok` without asking.

@@ -23,7 +23,6 @@
 
 use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};
-use serde::ser::Impossible;
 
 use crate::{Error, Kind, Message, Result};
 
@@ -76,24 +75,30 @@ impl Message {
     /// An event for `topic` whose payload is `value` as JSON, named after its type (see the
     /// [module docs](crate::typed)). Fails with [`Error::Unpublishable`] if the value does not
     /// serialize (a map with non-string keys, a failing `Serialize` impl).
-    pub fn event<T: Serialize + ?Sized>(topic: impl Into<String>, value: &T) -> Result<Message> {
+    pub fn event<T: Serialize + DeserializeOwned>(
+        topic: impl Into<String>,
+        value: &T,
+    ) -> Result<Message> {
         Message::encoded(Kind::Event, topic, value, &Json)
     }
 
     /// A command for the owner's queue `queue`, otherwise like [`Message::event`].
-    pub fn command<T: Serialize + ?Sized>(queue: impl Into<String>, value: &T) -> Result<Message> {
+    pub fn command<T: Serialize + DeserializeOwned>(
+        queue: impl Into<String>,
+        value: &T,
+    ) -> Result<Message> {
         Message::encoded(Kind::Command, queue, value, &Json)
     }
 
     /// A message whose payload is `value` encoded with `codec` (its content type set
     /// accordingly), named after the value's type.
-    pub fn encoded<T: Serialize + ?Sized, C: Codec>(
+    pub fn encoded<T: Serialize + DeserializeOwned, C: Codec>(
         kind: Kind,
         destination: impl Into<String>,
         value: &T,
         codec: &C,
     ) -> Result<Message> {
-        let message_type = type_name_of_value(value);
+        let message_type = type_name_of::<T>();
         let payload = codec.encode(value).map_err(|e| {
             Error::unpublishable(format!(
                 "the {message_type} payload does not serialize as {}: {e}",
@@ -153,42 +158,73 @@ impl Message {
 
 /// A decoder's error without the payload's values: serde describes a value it did not expect
 /// (`invalid type: string "4111 1111 1111 1111", expected u64`), and payloads never appear in
-/// herald's errors or logs. What is kept: the kind of value, what was expected, field and variant
-/// names, and the position.
+/// herald's errors or logs. Kept: the kind of value, what the type expected, the type's own
+/// field names, and the position. A message of a shape not known to be free of values (a
+/// type's own `deserialize_with` or `try_from` error, say) is withheld, keeping the position.
 pub fn without_values(error: &str) -> String {
-    let mut out = String::with_capacity(error.len());
-    let mut rest = error;
-    for lead in ["invalid type: ", "invalid value: ", "invalid length "] {
-        if let Some(tail) = rest.strip_prefix(lead) {
-            out.push_str(lead);
-            let (value, after) = tail.split_once(", expected").unwrap_or((tail, ""));
-            // The kind of value is its first word: string, integer, map, sequence, ...
-            let kind: String = value
-                .chars()
-                .take_while(|c| c.is_ascii_alphabetic() || *c == ' ')
-                .collect();
-            out.push_str(kind.trim_end());
-            if !after.is_empty() {
-                out.push_str(", expected");
-            }
-            rest = after;
-            break;
+    // serde_json appends " at line L column C".
+    let (message, position) = match error.rfind(" at line ") {
+        Some(i) if error[i..].contains(" column ") => error.split_at(i),
+        _ => (error, ""),
+    };
+    let kept = |lead: &str| message.strip_prefix(lead);
+    let expected = |tail: &str| tail.rsplit_once(", expected ").map(|(_, e)| e.to_owned());
+    let out = if let Some(tail) = kept("invalid type: ").or_else(|| kept("invalid value: ")) {
+        // The kind of value is its first word: string, integer, map, sequence, ...
+        let kind: String = tail
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic() || *c == ' ')
+            .collect();
+        let lead = &message[..message.len() - tail.len()];
+        match expected(tail) {
+            Some(e) => format!("{lead}{}, expected {e}", kind.trim_end()),
+            None => format!("{lead}{}", kind.trim_end()),
         }
-    }
-    out.push_str(rest);
-    out.chars().take(400).collect()
+    } else if let Some(tail) = kept("invalid length ") {
+        let n: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        match expected(tail) {
+            Some(e) => format!("invalid length {n}, expected {e}"),
+            None => format!("invalid length {n}"),
+        }
+    } else if let Some(tail) = kept("unknown variant ").or_else(|| kept("unknown field ")) {
+        let lead = &message[..message.len() - tail.len() - 1];
+        match expected(tail) {
+            Some(e) => format!("{lead}, expected {e}"),
+            None => lead.to_owned(),
+        }
+    } else if kept("missing field ").is_some()
+        || kept("duplicate field ").is_some()
+        || VALUE_FREE.iter().any(|m| message.starts_with(m))
+    {
+        message.to_owned()
+    } else {
+        "the type's own deserialization refused the payload (its message is withheld: it may quote the payload)".to_owned()
+    };
+    format!("{out}{position}").chars().take(400).collect()
 }
 
-/// The message type a value of type `T` is sent as: serde's name for it, else its Rust name.
-pub fn type_name_of_value<T: Serialize + ?Sized>(value: &T) -> String {
-    match value.serialize(NameOf) {
-        Err(Probed(Some(name))) => name.to_owned(),
-        _ => short_type_name::<T>(),
-    }
-}
+/// serde_json's syntax errors, which quote nothing of the input.
+const VALUE_FREE: &[&str] = &[
+    "EOF while parsing",
+    "expected ",
+    "invalid escape",
+    "invalid number",
+    "number out of range",
+    "invalid unicode code point",
+    "control character",
+    "key must be",
+    "float key must be finite",
+    "lone leading surrogate",
+    "trailing comma",
+    "trailing characters",
+    "unexpected end of hex escape",
+    "recursion limit exceeded",
+    "invalid value: expected key",
+];
 
-/// The message type `T` is received as: serde's name for it, else its Rust name. Agrees with
-/// [`type_name_of_value`] for structs and enums, renamed or not.
+/// The message type of `T`, sent and received: the name serde's derived `Deserialize` gives the
+/// type (a struct's or enum's name, or its `#[serde(rename = "...")]`), else the Rust name without
+/// module paths. Sender and receiver compute it from the same type, so they agree.
 pub fn type_name_of<T: DeserializeOwned>() -> String {
     match T::deserialize(NameOf) {
         Err(Probed(Some(name))) => name.to_owned(),
@@ -198,7 +234,9 @@ pub fn type_name_of<T: DeserializeOwned>() -> String {
 
 /// `std::any::type_name` without module paths: `Vec<shop::Line>` is `Vec<Line>`.
 pub fn short_type_name<T: ?Sized>() -> String {
-    let full = std::any::type_name::<T>();
+    let full = std::any::type_name::<T>()
+        .trim_start_matches('&')
+        .trim_start_matches("mut ");
     let mut out = String::with_capacity(full.len());
     let mut segment = String::new();
     for c in full.chars() {
@@ -214,8 +252,8 @@ pub fn short_type_name<T: ?Sized>() -> String {
     out
 }
 
-/// A serializer and deserializer that does no work: it stops at the first call, reporting the
-/// name serde gave the type if that call carries one.
+/// A deserializer that does no work: it stops at the first call, reporting the name serde gave
+/// the type if that call carries one.
 struct NameOf;
 
 #[derive(Debug)]
@@ -229,113 +267,13 @@ impl std::fmt::Display for Probed {
 
 impl std::error::Error for Probed {}
 
-impl serde::ser::Error for Probed {
-    fn custom<T: std::fmt::Display>(_: T) -> Probed {
-        Probed(None)
-    }
-}
-
 impl serde::de::Error for Probed {
     fn custom<T: std::fmt::Display>(_: T) -> Probed {
         Probed(None)
     }
 }
 
-type Never = Impossible<(), Probed>;
 type Probe<T = ()> = std::result::Result<T, Probed>;
-
-/// Unnamed values: no name to report.
-macro_rules! unnamed {
-    ($($method:ident($($arg:ty),*)),* $(,)?) => {
-        $(fn $method(self, $(_: $arg),*) -> Probe { Err(Probed(None)) })*
-    };
-}
-
-impl serde::Serializer for NameOf {
-    type Ok = ();
-    type Error = Probed;
-    type SerializeSeq = Never;
-    type SerializeTuple = Never;
-    type SerializeTupleStruct = Never;
-    type SerializeTupleVariant = Never;
-    type SerializeMap = Never;
-    type SerializeStruct = Never;
-    type SerializeStructVariant = Never;
-
-    unnamed!(
-        serialize_bool(bool),
-        serialize_i8(i8),
-        serialize_i16(i16),
-        serialize_i32(i32),
-        serialize_i64(i64),
-        serialize_u8(u8),
-        serialize_u16(u16),
-        serialize_u32(u32),
-        serialize_u64(u64),
-        serialize_f32(f32),
-        serialize_f64(f64),
-        serialize_char(char),
-        serialize_str(&str),
-        serialize_bytes(&[u8]),
-        serialize_none(),
-        serialize_unit(),
-    );
-
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Probe {
-        Err(Probed(None))
-    }
-    fn serialize_unit_struct(self, name: &'static str) -> Probe {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_unit_variant(self, name: &'static str, _: u32, _: &'static str) -> Probe {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, name: &'static str, _: &T) -> Probe {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(
-        self,
-        name: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> Probe {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_seq(self, _: Option<usize>) -> Probe<Never> {
-        Err(Probed(None))
-    }
-    fn serialize_tuple(self, _: usize) -> Probe<Never> {
-        Err(Probed(None))
-    }
-    fn serialize_tuple_struct(self, name: &'static str, _: usize) -> Probe<Never> {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_tuple_variant(
-        self,
-        name: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Probe<Never> {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_map(self, _: Option<usize>) -> Probe<Never> {
-        Err(Probed(None))
-    }
-    fn serialize_struct(self, name: &'static str, _: usize) -> Probe<Never> {
-        Err(Probed(Some(name)))
-    }
-    fn serialize_struct_variant(
-        self,
-        name: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Probe<Never> {
-        Err(Probed(Some(name)))
-    }
-}
 
 impl<'de> serde::Deserializer<'de> for NameOf {
     type Error = Probed;
@@ -416,25 +354,102 @@ mod tests {
     #[serde(transparent)]
     struct Note(String);
 
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "kind")]
+    enum Tagged {
+        A { n: i64 },
+        B(OrderPlaced),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Loose {
+        A { n: i64 },
+        B(String),
+    }
+
     #[test]
-    fn the_sent_and_the_received_name_agree() {
-        fn both<T: Serialize + DeserializeOwned>(v: &T) -> (String, String) {
-            (type_name_of_value(v), type_name_of::<T>())
+    fn message_types_are_serde_names_and_the_sender_uses_the_receivers_rule() {
+        fn sent<T: Serialize + DeserializeOwned>(v: &T) -> String {
+            let sent = Message::event("t", v).unwrap().message_type;
+            assert_eq!(sent, type_name_of::<T>(), "sender and receiver agree");
+            sent
+        }
+        assert_eq!(sent(&OrderPlaced { order: 1 }), "OrderPlaced");
+        assert_eq!(sent(&OrderCancelled { order: 1 }), "order.cancelled.v2");
+        assert_eq!(sent(&Payment::Captured { cents: 1 }), "Payment");
+        assert_eq!(sent(&Payment::Failed), "Payment");
+        assert_eq!(sent(&Sku("x".into())), "Sku");
+        assert_eq!(sent(&Ping), "Ping");
+        assert_eq!(sent(&Note("n".into())), "Note");
+        assert_eq!(sent(&"text".to_owned()), "String");
+        assert_eq!(sent(&vec![OrderPlaced { order: 1 }]), "Vec<OrderPlaced>");
+        // Variants of internally tagged and untagged enums do not pass their names through
+        // `Deserialize`: the Rust name, the same on both sides.
+        assert_eq!(sent(&Tagged::A { n: 1 }), "Tagged");
+        assert_eq!(sent(&Tagged::B(OrderPlaced { order: 1 })), "Tagged");
+        assert_eq!(sent(&Loose::B("x".into())), "Loose");
+        assert_eq!(short_type_name::<&&OrderPlaced>(), "OrderPlaced");
+    }
+
+    #[test]
+    fn decode_errors_keep_the_shape_and_drop_the_values() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Strict {
+            n: u64,
+            pay: Payment,
+            list: [u8; 2],
+        }
+        fn reason(json: &str) -> String {
+            let e = serde_json::from_str::<Strict>(json)
+                .err()
+                .expect("must not decode");
+            without_values(&e.to_string())
         }
         let cases = [
-            (both(&OrderPlaced { order: 1 }), "OrderPlaced"),
-            (both(&OrderCancelled { order: 1 }), "order.cancelled.v2"),
-            (both(&Payment::Captured { cents: 1 }), "Payment"),
-            (both(&Payment::Failed), "Payment"),
-            (both(&Sku("x".into())), "Sku"),
-            (both(&Ping), "Ping"),
-            (both(&Note("n".into())), "Note"),
-            (both(&"text".to_owned()), "String"),
-            (both(&vec![OrderPlaced { order: 1 }]), "Vec<OrderPlaced>"),
+            (
+                r#"{"n":"4111, expected 9999"}"#,
+                "invalid type: string, expected u64 at line 1 column",
+            ),
+            (
+                r#"{"n":-4111}"#,
+                "invalid value: integer, expected u64 at line 1",
+            ),
+            (
+                r#"{"n":1,"pay":"Secret4111","list":[1,2]}"#,
+                "unknown variant, expected `Captured` or `Failed`",
+            ),
+            (
+                r#"{"n":1,"card4111":1}"#,
+                "unknown field, expected one of `n`, `pay`, `list`",
+            ),
+            (
+                r#"{"n":1,"pay":"Failed","list":[1]}"#,
+                "invalid length 1, expected",
+            ),
+            (r#"{"n":1}"#, "missing field `pay`"),
+            (r#"{"n":1,"n":2}"#, "duplicate field `n`"),
+            (r#"{"n":1"#, "EOF while parsing an object"),
+            (
+                r#"{"n":1,"pay":"Failed","list":[1,2]} 4111"#,
+                "trailing characters",
+            ),
         ];
-        for ((sent, received), want) in cases {
-            assert_eq!((sent.as_str(), received.as_str()), (want, want));
+        for (json, want) in cases {
+            let got = reason(json);
+            assert!(got.starts_with(want), "{json}: {got}");
+            assert!(
+                !got.contains("4111") && !got.contains("Secret"),
+                "{json}: {got}"
+            );
         }
+        let custom = without_values("bad card number 4111 1111 at line 1 column 9");
+        assert!(
+            custom.contains("withheld") && custom.ends_with("at line 1 column 9"),
+            "{custom}"
+        );
     }
 
     #[test]

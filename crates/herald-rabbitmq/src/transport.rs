@@ -438,55 +438,7 @@ impl Transport for RabbitTransport {
             .create_channel()
             .await
             .map_err(|e| lapin_err("opening a channel", e))?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = match subscription.kind {
-            Kind::Event => {
-                // One durable queue per subscribing service: every service gets every event,
-                // instances of one service compete for them.
-                let queue = format!("{}.{}", subscription.service, subscription.destination);
-                channel
-                    .exchange_declare(
-                        subscription.destination.as_str().into(),
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..ExchangeDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| lapin_err("declaring the topic exchange", e))?;
-                channel
-                    .queue_declare(queue.as_str().into(), durable, FieldTable::default())
-                    .await
-                    .map_err(|e| lapin_err("declaring the service's queue", e))?;
-                channel
-                    .queue_bind(
-                        queue.as_str().into(),
-                        subscription.destination.as_str().into(),
-                        "#".into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| lapin_err("binding the service's queue", e))?;
-                queue
-            }
-            Kind::Command => {
-                channel
-                    .queue_declare(
-                        subscription.destination.as_str().into(),
-                        durable,
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| lapin_err("declaring the command queue", e))?;
-                subscription.destination.clone()
-            }
-        };
+        let queue = declare_queue(&channel, subscription).await?;
         channel
             .basic_qos(subscription.prefetch.max(1), BasicQosOptions::default())
             .await
@@ -506,6 +458,20 @@ impl Transport for RabbitTransport {
             consumer,
             destination: subscription.destination.clone(),
         }))
+    }
+
+    /// Declares the exchange, the queue and its binding without `basic_consume` (which would
+    /// push up to the prefetch at once, to be requeued as redelivered when the channel closes).
+    async fn declare(&self, subscription: &Subscription) -> Result<()> {
+        let connection = self.connect().await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_err("opening a channel", e))?;
+        declare_queue(&channel, subscription).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        let _ = connection.close(200, "declared".into()).await;
+        Ok(())
     }
 
     /// Connects if needed (so a wrong URL or credentials show at start-up) and asks the broker
@@ -631,6 +597,61 @@ impl Subscriber for RabbitSubscriber {
             .await
             .map_err(|e| lapin_err("rejecting", e))
     }
+}
+
+/// Declares what `subscription` consumes from (the topic exchange, the service's durable queue
+/// and its binding, or the command queue) and returns the queue's name.
+async fn declare_queue(channel: &lapin::Channel, subscription: &Subscription) -> Result<String> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = match subscription.kind {
+        Kind::Event => {
+            // One durable queue per subscribing service: every service gets every event,
+            // instances of one service compete for them.
+            let queue = format!("{}.{}", subscription.service, subscription.destination);
+            channel
+                .exchange_declare(
+                    subscription.destination.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| lapin_err("declaring the topic exchange", e))?;
+            channel
+                .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+                .await
+                .map_err(|e| lapin_err("declaring the service's queue", e))?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    subscription.destination.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| lapin_err("binding the service's queue", e))?;
+            queue
+        }
+        Kind::Command => {
+            channel
+                .queue_declare(
+                    subscription.destination.as_str().into(),
+                    durable,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| lapin_err("declaring the command queue", e))?;
+            subscription.destination.clone()
+        }
+    };
+    Ok(queue)
 }
 
 #[cfg(test)]

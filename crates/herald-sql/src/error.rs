@@ -46,6 +46,14 @@ pub fn handler_error<D: Dialect>(e: BoxError) -> Error {
     let mut transient = None;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
     while let Some(err) = cur {
+        // The same, wrapped with context by the handler (anyhow's `.context(..)`).
+        if let Some(own @ (Error::Decode { .. } | Error::Unhandled { .. })) =
+            err.downcast_ref::<Error>()
+        {
+            return Error::Decode {
+                reason: format!("{own}"),
+            };
+        }
         if let Some(sqlx_err) = err.downcast_ref::<sqlx::Error>() {
             transient = Some(D::is_transient(sqlx_err));
             break;

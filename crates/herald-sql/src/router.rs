@@ -106,6 +106,7 @@ pub struct Router<D: Dialect> {
     unknown: Option<Unknown>,
     writer: Option<OutboxWriter<D>>,
     conflicts: Vec<String>,
+    skipped: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl<D: Dialect> Default for Router<D> {
@@ -131,6 +132,7 @@ impl<D: Dialect> Router<D> {
             unknown: None,
             writer: None,
             conflicts: Vec::new(),
+            skipped: Default::default(),
         }
     }
 
@@ -175,6 +177,21 @@ impl<D: Dialect> Router<D> {
         self.routes.keys().map(String::as_str).collect()
     }
 
+    /// Logs the first skip of each type at `info` (later ones at `debug`): a type skipped
+    /// because sender and receiver name it differently shows at once.
+    fn skipping(&self, message: &Message) {
+        let first = {
+            let mut seen = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
+            seen.len() < 256 && seen.insert(message.message_type.clone())
+        };
+        let shown: String = message.message_type.chars().take(80).collect();
+        if first {
+            tracing::info!(message_type = %shown, handled = %self.types().join(", "), "skipping events of a type this router has no handler for (Router::on_type routes a type sent under another name)");
+        } else {
+            tracing::debug!(message_type = %shown, id = %message.id, "no handler for this type; skipped");
+        }
+    }
+
     fn rule_for(&self, kind: Kind) -> Unknown {
         self.unknown.unwrap_or(match kind {
             Kind::Command => Unknown::Park,
@@ -197,7 +214,7 @@ impl<D: Dialect> Handler<D::DB> for Router<D> {
         let Some(route) = self.routes.get(&message.message_type) else {
             return match self.rule_for(message.kind) {
                 Unknown::Skip => {
-                    tracing::debug!(message_type = %message.message_type, id = %message.id, "no handler for this type; skipped");
+                    self.skipping(message);
                     Ok(())
                 }
                 Unknown::Park => Err(Box::new(Error::Unhandled {

@@ -384,6 +384,38 @@ pub async fn command_before_owner_matches_the_flag(h: &dyn ConsumerHarness) {
     assert_eq!(take_acked(&mut s, 1).await[0].id, c.id);
 }
 
+/// `declare` creates what a subscription needs without consuming: an event and a command
+/// published after it (the command accepted, even where commands need an owner) reach the
+/// subscriber opened later, and a message already waiting is not taken (and, where the broker
+/// flags redeliveries, not flagged) by declaring again.
+pub async fn declare_prepares_without_consuming(h: &dyn ConsumerHarness) {
+    let t = h.transport().await;
+    let events = Subscription::events(h.unique("declared"), "svc");
+    let commands = Subscription::commands(h.unique("declared-q"), "owner");
+    t.declare(&events).await.unwrap();
+    t.declare(&commands).await.unwrap();
+    let e = Message::raw_event(&events.destination, "E", b"1".to_vec());
+    let c = Message::raw_command(&commands.destination, "C", b"2".to_vec());
+    publish_ok(&t, std::slice::from_ref(&e)).await;
+    publish_ok(&t, std::slice::from_ref(&c)).await;
+    // Declaring again while they wait takes neither.
+    t.declare(&events).await.unwrap();
+    t.declare(&commands).await.unwrap();
+    for (sub, want) in [(&events, &e), (&commands, &c)] {
+        let mut s = t.subscribe(sub).await.unwrap();
+        let d = next(&mut s).await.expect_message();
+        s.ack(d.tag).await.unwrap();
+        assert_eq!(d.message.id, want.id);
+        if h.capabilities().flags_redeliveries {
+            assert!(
+                !d.redelivered,
+                "declaring delivered {:?} once already",
+                want.message_type
+            );
+        }
+    }
+}
+
 /// The relay over this transport: a command refused because its owner is not there yet is not
 /// overtaken by the later messages of its key (nothing of the key after it is delivered while it
 /// waits), other keys flow, and once the owner subscribes the command arrives and then the rest
@@ -516,6 +548,7 @@ macro_rules! transport_suite {
             $crate::transport_suite!(@one $make, undecodable_is_surfaced_with_a_reason);
             $crate::transport_suite!(@one $make, command_before_owner_matches_the_flag);
             $crate::transport_suite!(@one $make, refused_command_is_not_overtaken_by_its_key);
+            $crate::transport_suite!(@one $make, declare_prepares_without_consuming);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn poison_messages_are_refused_alone() {

@@ -154,25 +154,30 @@ async fn main() -> ExitCode {
         .database
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}/shop.db", scratch.display()));
-    let broker = args
-        .broker
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}/broker.db", scratch.display()));
+    // Beside the default database, the embedded broker in the same scratch directory; beside
+    // a database you name, the broker you name (the host's default otherwise).
+    let broker = match (&args.database, &args.broker) {
+        (_, Some(b)) => Some(b.clone()),
+        (None, None) => Some(format!("sqlite://{}/broker.db", scratch.display())),
+        (Some(_), None) => None,
+    };
+    let broker = broker.as_deref();
     if args.database.is_none()
         && let Err(e) = std::fs::create_dir_all(&scratch)
     {
         eprintln!("shop: cannot create {}: {e}", scratch.display());
         return ExitCode::FAILURE;
     }
-    let scheme = database.split("://").next().unwrap_or_default();
+    let scheme = database.split(':').next().unwrap_or_default();
     let outcome = match scheme {
-        "sqlite" => shop::<herald::sqlite::SqliteDialect>(&database, &broker, args.orders).await,
+        "" => Err("--database is empty: give a URL such as sqlite://shop.db or postgres://...".into()),
+        "sqlite" => shop::<herald::sqlite::SqliteDialect>(&database, broker, args.orders).await,
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
-            shop::<herald::postgres::PgDialect>(&database, &broker, args.orders).await
+            shop::<herald::postgres::PgDialect>(&database, broker, args.orders).await
         }
         #[cfg(feature = "mysql")]
-        "mysql" | "mariadb" => shop::<herald::mysql::MySqlDialect>(&database, &broker, args.orders).await,
+        "mysql" | "mariadb" => shop::<herald::mysql::MySqlDialect>(&database, broker, args.orders).await,
         other => Err(format!(
             "this build has no {other}:// support: add `--features postgres` (or mysql) and the broker's \
              feature (rabbitmq, nats, kafka, redis) to `cargo run -p herald --example shop`"
@@ -186,17 +191,30 @@ async fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("shop: {e}");
+            // The error and its causes (herald never puts a password in either).
+            let mut text = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("shop: {text}");
             ExitCode::FAILURE
         }
     }
 }
 
 /// Runs the shop; `Ok(true)` when every count is what it must be.
-async fn shop<D: Backend>(database: &str, broker: &str, orders: i64) -> Result<bool, BoxError> {
-    let host = Host::<D>::builder()
-        .database(database)
-        .broker(broker)
+async fn shop<D: Backend>(
+    database: &str,
+    broker: Option<&str>,
+    orders: i64,
+) -> Result<bool, BoxError> {
+    let mut builder = Host::<D>::builder().database(database);
+    if let Some(broker) = broker {
+        builder = builder.broker(broker);
+    }
+    let host = builder
         .events(
             "orders",
             "email-service",

@@ -10,7 +10,7 @@ use herald::sqlite::{SqliteOutbox, SqliteOutboxWriter, connect, migrate};
 use herald::{Identifier, Message, Relay, RelayConfig};
 
 /// The event: a serde type, sent as JSON with the type name `OrderPlaced`.
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
 struct OrderPlaced {
     order: i64,
 }

@@ -374,7 +374,7 @@ impl<D: Backend> Host<D> {
     /// without consuming (at deploy time, say).
     pub async fn declare(&self) -> Result<()> {
         for consumer in &self.consumers {
-            drop(consumer.subscribe().await?);
+            consumer.declare().await?;
         }
         Ok(())
     }
@@ -394,15 +394,22 @@ impl<D: Backend> Host<D> {
         let until = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        // A part that stops on its own says so at once, whether or not anyone waits on it.
+        let reported = |name: String, r: Result<()>| {
+            if let Err(e) = &r {
+                tracing::error!(part = %name, error = %e.chain(), "stopped with an error it cannot retry");
+            }
+            (name, r)
+        };
         if let Some(relay) = &self.relay {
             relay.warn_durability().await;
             let (relay, rx) = (relay.clone(), stopped.clone());
-            tasks.spawn(async move { ("relay".to_owned(), relay.run(until(rx)).await) });
+            tasks.spawn(async move { reported("relay".to_owned(), relay.run(until(rx)).await) });
         }
         for consumer in &self.consumers {
             let (consumer, rx) = (consumer.clone(), stopped.clone());
             let name = format!("consumer {}", consumer.subscription().service);
-            tasks.spawn(async move { (name, consumer.run(until(rx)).await) });
+            tasks.spawn(async move { reported(name, consumer.run(until(rx)).await) });
         }
         info!(broker = %self.transport.describe(), relay = self.relay.is_some(), consumers = self.consumers.len(), "herald host started");
         Ok(Running {
@@ -419,7 +426,7 @@ impl<D: Backend> Host<D> {
         let mut running = self.start().await?;
         let early = tokio::select! {
             () = shutdown => None,
-            failed = running.next_exit() => failed,
+            failed = running.failure() => Some(failed),
         };
         let stopped = running.stop().await;
         match early {
@@ -476,17 +483,16 @@ impl Drop for Started {
 }
 
 impl Running {
-    /// Waits for a part to end on its own (an error it cannot retry, such as a missing table):
-    /// returns that error, or `None` once nothing runs.
-    async fn next_exit(&mut self) -> Option<Error> {
+    /// Waits until a part stops on its own with an error it cannot retry (a missing table, a
+    /// refused login) and returns it; never returns while every part runs. The others keep
+    /// running: stop them with [`stop`](Self::stop).
+    pub async fn failure(&mut self) -> Error {
         loop {
-            match self.tasks.join_next().await? {
-                Ok((name, Err(e))) => {
-                    warn!(part = %name, error = %e.chain(), "stopped early; stopping the host");
-                    return Some(e);
-                }
-                Ok((name, Ok(()))) => info!(part = %name, "stopped"),
-                Err(e) => return Some(Error::unavailable("a host task (it panicked)", e)),
+            match self.tasks.join_next().await {
+                Some(Ok((_, Err(e)))) => return e,
+                Some(Ok((name, Ok(())))) => info!(part = %name, "stopped"),
+                Some(Err(e)) => return Error::unavailable("a host task (it panicked)", e),
+                None => std::future::pending::<()>().await,
             }
         }
     }
@@ -499,10 +505,7 @@ impl Running {
         while let Some(joined) = self.tasks.join_next().await {
             let failed = match joined {
                 Ok((_, Ok(()))) => None,
-                Ok((name, Err(e))) => {
-                    warn!(part = %name, error = %e.chain(), "stopped with an error");
-                    Some(e)
-                }
+                Ok((_, Err(e))) => Some(e),
                 Err(e) => Some(Error::unavailable("a host task (it panicked)", e)),
             };
             if first.is_none() {

@@ -392,6 +392,17 @@ async fn the_in_process_relay_warns_when_the_database_may_lose_commits() {
     );
     // A stop right after the start is clean.
     host.run(async {}).await.unwrap();
+    // A host with nothing to run still runs until its shutdown.
+    let idle = Host::builder()
+        .database(dir.db())
+        .broker(dir.broker())
+        .without_relay()
+        .build()
+        .await
+        .unwrap();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), idle.run(std::future::pending())).await;
+    assert!(waited.is_err(), "run returned before its shutdown");
 }
 
 /// Panics on order 13, records the others.
