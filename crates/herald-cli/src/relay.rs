@@ -279,7 +279,6 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     info!(database = %db_url, broker = %transport.describe(), table = %table, relay = %config.relay_id, "relay starting");
 
     let relay = Relay::with_failpoint(store.clone(), transport, config, hook)?;
-    relay.warn_durability().await;
     let _endpoints = match args.http_addr {
         Some(addr) => Some(serve_endpoints(&args, addr, &relay, &db, &table).await?),
         None => None,
@@ -287,6 +286,8 @@ pub async fn run(args: RelayArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut remaining = None;
     let result = if args.until_empty {
+        // `Relay::run` warns as it starts; the drain does not run it.
+        relay.warn_durability().await;
         // A signal stops the drain between statements; rows in flight stay leased and are
         // published again after their lease (duplicates, never losses).
         let drained = tokio::select! {

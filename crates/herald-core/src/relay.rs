@@ -452,8 +452,8 @@ impl Relay {
 
     /// Checks that the database and the broker keep what they acknowledge (`synchronous_commit`,
     /// SQLite's `synchronous`, durable queues, ...), logs each problem found as a warning and
-    /// returns them. `herald relay` and the host call it before they start; a check that fails
-    /// is logged and skipped.
+    /// returns them. [`run`](Self::run) calls it as it starts; a check that fails is logged and
+    /// skipped.
     pub async fn warn_durability(&self) -> Vec<String> {
         let mut found = match self.inner.store.durability_warnings().await {
             Ok(w) => w,
@@ -1103,6 +1103,7 @@ impl Relay {
             }
             warn!(error = %e.chain(), "first heartbeat failed; retrying");
         }
+        self.warn_durability().await;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_tx = Arc::new(stop_tx);
         // The heartbeat outlives the workers: batches finishing after the stop still need the

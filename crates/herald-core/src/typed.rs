@@ -15,11 +15,13 @@
 //! # Ok::<(), herald_core::Error>(())
 //! ```
 //!
-//! **The type name** is serde's name for the type: the struct's or enum's name, or the
-//! `#[serde(rename = "...")]` given to it, so sender and receiver agree without repeating a
-//! string. Types serde does not name (a `String`, a `#[serde(transparent)]` wrapper, an untagged
-//! enum) take their Rust name without the module path. [`Message::with_type`] overrides it for
-//! one message.
+//! **The type name** is the name serde's derived `Deserialize` gives the type: the struct's or
+//! enum's name, or the `#[serde(rename = "...")]` given to it. Sender ([`Message::event`]) and
+//! receiver (the router) both read it from the type, so they agree without a string repeated.
+//! Types whose `Deserialize` names nothing (a `String`, a `#[serde(transparent)]` wrapper, an
+//! untagged or internally tagged enum) take their Rust name without module paths; generic types
+//! share one name whatever their parameters (rename them). [`Message::with_type`] overrides the
+//! name for one message.
 
 use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};

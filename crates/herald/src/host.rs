@@ -123,8 +123,8 @@ impl<D: Backend> HostBuilder<D> {
     }
 
     /// The broker, by URL: `amqp://`, `nats://`, `kafka://`, `redis://`, or `sqlite://path` for
-    /// the embedded broker (each with its feature). Required, except beside a SQLite database,
-    /// where the embedded broker `herald-broker.db` is the default.
+    /// the embedded broker (each with its feature). Required, except with a SQLite database,
+    /// where the default is the embedded broker `herald-broker.db` in the working directory.
     pub fn broker(mut self, url: impl Into<String>) -> Self {
         self.broker = Some(Source::Url(url.into()));
         self
@@ -379,8 +379,8 @@ impl<D: Backend> Host<D> {
         Ok(())
     }
 
-    /// Declares the topology, checks durability, and starts the relay and the consumers in the
-    /// background; [`Running::stop`] stops them.
+    /// Declares the topology, then starts the relay (which logs unsafe durability settings as it
+    /// starts) and the consumers in the background; [`Running::stop`] stops them.
     pub async fn start(&self) -> Result<Running> {
         if self.started.swap(true, Ordering::SeqCst) {
             return Err(Error::config(
@@ -402,7 +402,6 @@ impl<D: Backend> Host<D> {
             (name, r)
         };
         if let Some(relay) = &self.relay {
-            relay.warn_durability().await;
             let (relay, rx) = (relay.clone(), stopped.clone());
             tasks.spawn(async move { reported("relay".to_owned(), relay.run(until(rx)).await) });
         }
@@ -466,7 +465,8 @@ pub async fn shutdown_signal() {
 }
 
 /// A started host: [`Host::start`]. Stop it with [`stop`](Self::stop); dropping it instead
-/// aborts every part at once (no loss: what was in flight is published or delivered again).
+/// aborts every part at once (no loss: what was in flight is published or delivered again), and
+/// the host may be started again before the aborted tasks have wound down.
 pub struct Running {
     stop: watch::Sender<bool>,
     tasks: JoinSet<(String, Result<()>)>,

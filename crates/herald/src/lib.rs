@@ -79,10 +79,12 @@
 //! queries and a version mismatch cannot happen. `examples/shop.rs` is the whole order story
 //! (an order service, an email service, a billing service) on any database and broker.
 //!
-//! **Typed messages** ([`typed`]): the message type is serde's name for the payload's type (its
-//! `#[serde(rename)]` if it has one); a payload that does not decode into the handler's type is
-//! parked at once with serde's error (never the payload's values); a type no handler is
-//! registered for is parked if it is a command and skipped if it is an event ([`Unknown`]).
+//! **Typed messages** ([`typed`]): the message type is the name serde gives the payload's type
+//! (its `#[serde(rename)]` if it has one), read the same way by sender and router; a payload that
+//! does not decode into the handler's type is parked at once with serde's reason (the values it
+//! quotes removed); a type no handler is registered for is parked if it is a command and skipped
+//! if it is an event ([`Unknown`]); the router reads JSON, and another [`Codec`] is used with
+//! [`Message::encoded`] and [`Message::decode_with`] in a plain [`Handler`].
 
 pub use herald_core::{
     Applied, Apply, BoxError, Claim, Consumer, ConsumerConfig, Delivery, DestinationStats, Error,
