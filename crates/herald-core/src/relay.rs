@@ -455,20 +455,27 @@ impl Relay {
     /// returns them. [`run`](Self::run) calls it as it starts; a check that fails is logged and
     /// skipped.
     pub async fn warn_durability(&self) -> Vec<String> {
-        let mut found = match self.inner.store.durability_warnings().await {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e.chain(), "could not check the database's durability settings");
-                Vec::new()
+        // Bounded: a database or broker that does not answer must not hold the start.
+        let limit = self.inner.config.publish_timeout;
+        let mut found = Vec::new();
+        for (what, checked) in [
+            (
+                "the database's",
+                tokio::time::timeout(limit, self.inner.store.durability_warnings()).await,
+            ),
+            (
+                "the broker's",
+                tokio::time::timeout(limit, self.inner.transport.durability_warnings()).await,
+            ),
+        ] {
+            match checked {
+                Ok(Ok(w)) => found.extend(w),
+                Ok(Err(e)) => {
+                    warn!(error = %e.chain(), "could not check {what} durability settings")
+                }
+                Err(_) => warn!(after = ?limit, "checking {what} durability settings timed out"),
             }
-        };
-        found.extend(
-            self.inner
-                .transport
-                .durability_warnings()
-                .await
-                .unwrap_or_default(),
-        );
+        }
         for w in &found {
             warn!("{w}");
         }

@@ -18,10 +18,13 @@
 //! **The type name** is the name serde's derived `Deserialize` gives the type: the struct's or
 //! enum's name, or the `#[serde(rename = "...")]` given to it. Sender ([`Message::event`]) and
 //! receiver (the router) both read it from the type, so they agree without a string repeated.
-//! Types whose `Deserialize` names nothing (a `String`, a `#[serde(transparent)]` wrapper, an
-//! untagged or internally tagged enum) take their Rust name without module paths; generic types
-//! share one name whatever their parameters (rename them). [`Message::with_type`] overrides the
-//! name for one message.
+//! Types whose `Deserialize` names nothing (a `String`, an untagged or internally tagged enum, a
+//! struct with a `#[serde(flatten)]` field, whose `rename` serde then does not pass on) take their
+//! Rust name without module paths; a `#[serde(transparent)]` wrapper takes the name of what it
+//! wraps; generic types share one name whatever their parameters. Rename those, or name them
+//! with [`Message::with_type`] (one message) and `Router::on_type` (the receiver). Typed
+//! payloads are owned types (`DeserializeOwned`): a type that borrows from the payload is read
+//! from the raw bytes in a plain handler.
 
 use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};
@@ -164,14 +167,17 @@ impl Message {
 /// field names, and the position. A message of a shape not known to be free of values (a
 /// type's own `deserialize_with` or `try_from` error, say) is withheld, keeping the position.
 pub fn without_values(error: &str) -> String {
-    // serde_json appends " at line L column C".
-    let (message, position) = match error.rfind(" at line ") {
-        Some(i) if error[i..].contains(" column ") => error.split_at(i),
-        _ => (error, ""),
-    };
+    let (message, position) = split_position(error);
     let kept = |lead: &str| message.strip_prefix(lead);
+    // What serde puts after ", expected" comes from the type (its visitor), so the last one is
+    // the type's even when a quoted value holds the same words.
     let expected = |tail: &str| tail.rsplit_once(", expected ").map(|(_, e)| e.to_owned());
-    let out = if let Some(tail) = kept("invalid type: ").or_else(|| kept("invalid value: ")) {
+    let out = if VALUE_FREE.contains(&message)
+        || kept("missing field `").is_some()
+        || kept("duplicate field `").is_some()
+    {
+        message.to_owned()
+    } else if let Some(tail) = kept("invalid type: ").or_else(|| kept("invalid value: ")) {
         // The kind of value is its first word: string, integer, map, sequence, ...
         let kind: String = tail
             .chars()
@@ -190,38 +196,64 @@ pub fn without_values(error: &str) -> String {
         }
     } else if let Some(tail) = kept("unknown variant ").or_else(|| kept("unknown field ")) {
         let lead = &message[..message.len() - tail.len() - 1];
-        match expected(tail) {
-            Some(e) => format!("{lead}, expected {e}"),
-            None => lead.to_owned(),
+        // serde lists the type's names, in backquotes, or says there are none.
+        let names = expected(tail).filter(|e| e.starts_with('`') || e.starts_with("one of `"));
+        if tail.ends_with(", there are no fields") {
+            format!("{lead}, there are no fields")
+        } else if tail.ends_with(", there are no variants") {
+            format!("{lead}, there are no variants")
+        } else {
+            match names {
+                Some(e) => format!("{lead}, expected {e}"),
+                None => lead.to_owned(),
+            }
         }
-    } else if kept("missing field ").is_some()
-        || kept("duplicate field ").is_some()
-        || VALUE_FREE.iter().any(|m| message.starts_with(m))
-    {
-        message.to_owned()
     } else {
         "the type's own deserialization refused the payload (its message is withheld: it may quote the payload)".to_owned()
     };
     format!("{out}{position}").chars().take(400).collect()
 }
 
-/// serde_json's syntax errors, which quote nothing of the input.
+/// Splits serde_json's trailing ` at line L column C` off `error`, if it ends with exactly that.
+fn split_position(error: &str) -> (&str, &str) {
+    let Some(i) = error.rfind(" at line ") else {
+        return (error, "");
+    };
+    let tail = &error[i + " at line ".len()..];
+    let numbers: Vec<&str> = tail.split(" column ").collect();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if numbers.len() == 2 && numbers.iter().all(|n| digits(n)) {
+        error.split_at(i)
+    } else {
+        (error, "")
+    }
+}
+
+/// serde_json's syntax errors, word for word: they quote nothing of the input.
 const VALUE_FREE: &[&str] = &[
-    "EOF while parsing",
-    "expected ",
+    "EOF while parsing a list",
+    "EOF while parsing an object",
+    "EOF while parsing a string",
+    "EOF while parsing a value",
+    "expected `:`",
+    "expected `,` or `]`",
+    "expected `,` or `}`",
+    "expected ident",
+    "expected value",
+    "expected `\"`",
     "invalid escape",
     "invalid number",
     "number out of range",
     "invalid unicode code point",
-    "control character",
-    "key must be",
-    "float key must be finite",
-    "lone leading surrogate",
+    "control character (\\u0000-\\u001F) found while parsing a string",
+    "key must be a string",
+    "invalid value: expected key to be a number in quotes",
+    "float key must be finite (got NaN or +/-inf)",
+    "lone leading surrogate in hex escape",
     "trailing comma",
     "trailing characters",
     "unexpected end of hex escape",
     "recursion limit exceeded",
-    "invalid value: expected key",
 ];
 
 /// The message type of `T`, sent and received: the name serde's derived `Deserialize` gives the
@@ -452,6 +484,16 @@ mod tests {
             custom.contains("withheld") && custom.ends_with("at line 1 column 9"),
             "{custom}"
         );
+        for hostile in [
+            "expected 16 digits, got 4111 at line 1 column 9",
+            "unknown field `a, expected 4111`, there are no fields at line 1 column 3",
+            "unknown variant `4111, expected x`, there are no variants",
+            "invalid type: string \"4111, expected 4111\", expected u64",
+            "bad value 4111 at line x column 4111",
+        ] {
+            let got = without_values(hostile);
+            assert!(!got.contains("4111"), "{hostile} -> {got}");
+        }
     }
 
     #[test]

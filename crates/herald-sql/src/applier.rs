@@ -228,7 +228,7 @@ impl<D: Dialect, H: Handler<D::DB>> Apply for Applier<D, H> {
             Applied::Done
         };
         if outcome == Applied::Done
-            && let Err(e) = self.handler.handle(&mut tx, message).await
+            && let Err(e) = caught(self.handler.handle(&mut tx, message)).await
         {
             let _ = tx.rollback().await;
             return Err(handler_error::<D>(e));
@@ -348,5 +348,28 @@ impl<D: Dialect, H: Handler<D::DB>> Apply for Applier<D, H> {
             .await
             .map_err(|e| db::<D>(what, e))?;
         Ok(D::rows_affected(&done))
+    }
+}
+
+/// A handler that panics fails like one that returns an error (retried, then parked with the
+/// panic's message) instead of taking the consumer down; the transaction is rolled back.
+async fn caught(
+    handled: impl std::future::Future<Output = std::result::Result<(), BoxError>>,
+) -> std::result::Result<(), BoxError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(handled).catch_unwind().await {
+        Ok(done) => done,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(format!(
+                "the handler panicked: {}",
+                what.chars().take(200).collect::<String>()
+            )
+            .into())
+        }
     }
 }

@@ -38,8 +38,21 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
 pub fn handler_error<D: Dialect>(e: BoxError) -> Error {
     // Kept as they are: a payload that does not decode, or a type nobody handles, is parked at
     // once by the consumer (retrying cannot help).
+    // herald's own errors keep their class: a statement through the handler's context
+    // (`ctx.sql`, `ctx.send`) was classified where it failed.
     let e = match e.downcast::<Error>() {
-        Ok(own) if matches!(*own, Error::Decode { .. } | Error::Unhandled { .. }) => return *own,
+        Ok(own)
+            if matches!(
+                *own,
+                Error::Decode { .. }
+                    | Error::Unhandled { .. }
+                    | Error::Database { .. }
+                    | Error::Unavailable { .. }
+                    | Error::Timeout { .. }
+            ) =>
+        {
+            return *own;
+        }
         Ok(own) => own as BoxError,
         Err(other) => other,
     };

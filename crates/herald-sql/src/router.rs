@@ -6,9 +6,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use std::panic::AssertUnwindSafe;
-
-use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use herald_core::{BoxError, Error, Identifier, Kind, Message, Result};
 use serde::de::DeserializeOwned;
@@ -272,26 +269,7 @@ where
     ) -> BoxFuture<'a, std::result::Result<(), BoxError>> {
         Box::pin(async move {
             let value: T = ctx.message.decode()?;
-            // A handler that panics on a message fails like one that returns an error (retried,
-            // then parked), instead of taking the consumer down with it.
-            match AssertUnwindSafe(self.handler.handle(ctx, value))
-                .catch_unwind()
-                .await
-            {
-                Ok(done) => done,
-                Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a non-string panic".to_owned());
-                    Err(format!(
-                        "the handler panicked: {}",
-                        what.chars().take(200).collect::<String>()
-                    )
-                    .into())
-                }
-            }
+            self.handler.handle(ctx, value).await
         })
     }
 }
@@ -299,6 +277,8 @@ where
 /// A statement written once for every database herald supports: `?` placeholders (rendered as
 /// `$1, $2, ...` on PostgreSQL), values bound in order as integers, text or bytes. For services
 /// whose handlers run on more than one database; code for one database uses sqlx directly.
+/// Every `?` is a placeholder, also inside a string literal or a PostgreSQL JSON operator: bind
+/// such text as a value instead.
 pub struct Statement<D: Dialect> {
     stmt: Stmt<D::DB>,
 }

@@ -231,5 +231,24 @@ mod tests {
             ),
             "a database error that retrying cannot fix is not an outage: {permanent:?}"
         );
+        // herald's own errors keep the class they were given where they failed (a statement
+        // through the handler's context, say); decode errors, wrapped or not, park at once.
+        let unavailable = handler_error::<SqliteDialect>(Box::new(Error::unavailable(
+            "the broker",
+            "connection reset",
+        )));
+        assert!(unavailable.is_transient(), "{unavailable:?}");
+        let decode = || Error::Decode {
+            reason: "not an OrderPlaced".into(),
+        };
+        assert!(matches!(
+            handler_error::<SqliteDialect>(Box::new(decode())),
+            Error::Decode { .. }
+        ));
+        let wrapped: herald_core::BoxError = anyhow::Error::from(decode())
+            .context("reading the order")
+            .into();
+        let wrapped = handler_error::<SqliteDialect>(wrapped);
+        assert!(matches!(wrapped, Error::Decode { .. }), "{wrapped:?}");
     }
 }

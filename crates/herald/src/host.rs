@@ -52,41 +52,44 @@ pub trait Backend: Dialect {
     fn pool_of(db: Database) -> Option<Pool<Self::DB>>;
 }
 
-#[cfg(feature = "sqlite")]
-impl Backend for herald_sqlite::SqliteDialect {
-    const SCHEME: &'static str = "sqlite";
-    fn pool_of(db: Database) -> Option<Pool<sqlx::Sqlite>> {
-        #[allow(irrefutable_let_patterns, unreachable_patterns)]
-        match db {
-            Database::Sqlite(pool) => Some(pool),
-            _ => None,
+/// `impl Backend` for a dialect whose pool is the `Database` variant `$variant`.
+macro_rules! backend {
+    ($feature:literal, $dialect:ty, $scheme:literal, $variant:ident, $db:ty) => {
+        #[cfg(feature = $feature)]
+        impl Backend for $dialect {
+            const SCHEME: &'static str = $scheme;
+            fn pool_of(db: Database) -> Option<Pool<$db>> {
+                #[allow(irrefutable_let_patterns, unreachable_patterns)]
+                match db {
+                    Database::$variant(pool) => Some(pool),
+                    _ => None,
+                }
+            }
         }
-    }
+    };
 }
 
-#[cfg(feature = "postgres")]
-impl Backend for herald_postgres::PgDialect {
-    const SCHEME: &'static str = "postgres";
-    fn pool_of(db: Database) -> Option<Pool<sqlx::Postgres>> {
-        #[allow(irrefutable_let_patterns, unreachable_patterns)]
-        match db {
-            Database::Postgres(pool) => Some(pool),
-            _ => None,
-        }
-    }
-}
-
-#[cfg(feature = "mysql")]
-impl Backend for herald_mysql::MySqlDialect {
-    const SCHEME: &'static str = "mysql";
-    fn pool_of(db: Database) -> Option<Pool<sqlx::MySql>> {
-        #[allow(irrefutable_let_patterns, unreachable_patterns)]
-        match db {
-            Database::MySql(pool) => Some(pool),
-            _ => None,
-        }
-    }
-}
+backend!(
+    "sqlite",
+    herald_sqlite::SqliteDialect,
+    "sqlite",
+    Sqlite,
+    sqlx::Sqlite
+);
+backend!(
+    "postgres",
+    herald_postgres::PgDialect,
+    "postgres",
+    Postgres,
+    sqlx::Postgres
+);
+backend!(
+    "mysql",
+    herald_mysql::MySqlDialect,
+    "mysql",
+    MySql,
+    sqlx::MySql
+);
 
 enum Source<T> {
     Url(String),

@@ -100,6 +100,15 @@ fn patient() -> ConsumerConfig {
     }
 }
 
+/// The table the `Record` handlers write.
+async fn create_seen(host: &Host) {
+    let mut conn = host.pool().acquire().await.unwrap();
+    host.statement("CREATE TABLE seen (kind TEXT NOT NULL, n INTEGER NOT NULL)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
 async fn count(host: &Host, sql: &str) -> i64 {
     let mut conn = host.pool().acquire().await.unwrap();
     host.statement(sql)
@@ -150,12 +159,7 @@ async fn typed_handlers_by_type_and_what_cannot_be_handled_is_parked_at_once() {
         .build()
         .await
         .unwrap();
-    let mut conn = host.pool().acquire().await.unwrap();
-    host.statement("CREATE TABLE seen (kind TEXT NOT NULL, n INTEGER NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    drop(conn);
+    create_seen(&host).await;
 
     let mut tx = host.pool().begin().await.unwrap();
     let w = host.writer();
@@ -257,12 +261,7 @@ async fn declaring_the_topology_is_what_lets_an_early_command_through() {
         .build()
         .await
         .unwrap();
-    let mut conn = host.pool().acquire().await.unwrap();
-    host.statement("CREATE TABLE seen (kind TEXT NOT NULL, n INTEGER NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    drop(conn);
+    create_seen(&host).await;
     let mut tx = host.pool().begin().await.unwrap();
     let charge = Message::command("billing", &ChargeCard { order: 1, cents: 2 }).unwrap();
     host.writer().send(&mut tx, &charge).await.unwrap();
@@ -435,12 +434,7 @@ async fn a_handler_that_panics_is_retried_then_parked_and_other_keys_flow() {
         .build()
         .await
         .unwrap();
-    let mut conn = host.pool().acquire().await.unwrap();
-    host.statement("CREATE TABLE seen (kind TEXT NOT NULL, n INTEGER NOT NULL)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    drop(conn);
+    create_seen(&host).await;
     let mut tx = host.begin().await.unwrap();
     for order in [12, 13, 14] {
         let m = Message::event("orders", &OrderPlaced { order }).unwrap();
