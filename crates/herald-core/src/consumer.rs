@@ -359,10 +359,10 @@ impl Consumer {
                     let reason = e.chain();
                     // A payload that does not decode into the handler's type decodes no better
                     // next time: parked at once, with serde's reason.
-                    let undecodable = matches!(e, Error::Decode { .. } | Error::Unhandled { .. });
-                    if attempts >= cfg.max_attempts || undecodable {
+                    let hopeless = matches!(e, Error::Decode { .. } | Error::Unhandled { .. });
+                    if attempts >= cfg.max_attempts || hopeless {
                         trace::failed(span, &e);
-                        if undecodable {
+                        if hopeless {
                             warn!(service, id = %d.message.id, %reason, "cannot be handled as it is; parking it at once");
                         } else {
                             warn!(service, id = %d.message.id, attempts, %reason, "handler keeps failing; dead-lettering");

@@ -1112,7 +1112,6 @@ impl Relay {
         }
         self.warn_durability().await;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let stop_tx = Arc::new(stop_tx);
         // The heartbeat outlives the workers: batches finishing after the stop still need the
         // partitions held.
         let (beat_stop, beat_rx) = watch::channel(false);

@@ -108,7 +108,7 @@ pub struct HostBuilder<D: Backend> {
     relay: Option<RelayConfig>,
     consumer_config: ConsumerConfig,
     migrate: bool,
-    consumers: Vec<(Subscription, Option<ConsumerConfig>, MakeApply<D>)>,
+    consumers: Vec<(Subscription, ConsumerConfig, MakeApply<D>)>,
 }
 
 impl<D: Backend> HostBuilder<D> {
@@ -198,7 +198,7 @@ impl<D: Backend> HostBuilder<D> {
             Ok(Arc::new(Applier::<D, H>::new(pool, table, handler)?)
                 as Arc<dyn herald_core::Apply>)
         });
-        let config = Some(self.consumer_config.clone());
+        let config = self.consumer_config.clone();
         self.consumers.push((subscription, config, make));
         self
     }
@@ -255,7 +255,6 @@ impl<D: Backend> HostBuilder<D> {
         let mut consumers = Vec::with_capacity(self.consumers.len());
         for (subscription, config, make) in self.consumers {
             let apply = make(pool.clone(), &table)?;
-            let config = config.unwrap_or_default();
             consumers.push(Consumer::new(
                 transport.clone(),
                 apply,
@@ -282,15 +281,14 @@ async fn open_pool<D: Backend>(url: &SecretUrl) -> Result<Pool<D::DB>> {
         other => other,
     };
     if scheme != D::SCHEME {
+        let hint = match scheme {
+            "postgres" | "mysql" | "sqlite" => format!("; use herald::{scheme}::Host"),
+            _ => String::new(),
+        };
         return Err(Error::config(format!(
-            "this host is for {} but the database URL {url} is {}://; use the host of that database (herald::{}::Host)",
+            "this host is for {} but the database URL {url} is {}://{hint}",
             D::SCHEME,
             url.scheme(),
-            match scheme {
-                "postgres" => "postgres",
-                "mysql" => "mysql",
-                _ => "sqlite",
-            }
         )));
     }
     let db = connect::open_database(url, None).await?;

@@ -82,6 +82,11 @@ impl Scratch {
     fn broker(&self) -> String {
         format!("sqlite://{}/broker.db", self.0.display())
     }
+
+    /// A host on this directory's database and embedded broker.
+    fn host(&self) -> herald::HostBuilder<SqliteDialect> {
+        Host::builder().database(self.db()).broker(self.broker())
+    }
 }
 
 impl Drop for Scratch {
@@ -140,9 +145,8 @@ async fn eventually<F: AsyncFn() -> bool>(what: &str, done: F) {
 #[tokio::test]
 async fn typed_handlers_by_type_and_what_cannot_be_handled_is_parked_at_once() {
     let dir = Scratch::new();
-    let host = Host::builder()
-        .database(dir.db())
-        .broker(dir.broker())
+    let host = dir
+        .host()
         .consumer_config(patient())
         .events(
             "orders",
@@ -246,9 +250,8 @@ async fn typed_handlers_by_type_and_what_cannot_be_handled_is_parked_at_once() {
 #[tokio::test]
 async fn declaring_the_topology_is_what_lets_an_early_command_through() {
     let dir = Scratch::new();
-    let host = Host::builder()
-        .database(dir.db())
-        .broker(dir.broker())
+    let host = dir
+        .host()
         .relay(herald::RelayConfig {
             backoff_initial: Duration::from_millis(20),
             ..herald::RelayConfig::default()
@@ -309,9 +312,8 @@ async fn configuration_mistakes_fail_at_build_and_say_what_to_change() {
     let dir = Scratch::new();
     let error = |r: herald::Result<Host>| r.err().expect("build must fail").to_string();
 
-    let twice = Host::builder()
-        .database(dir.db())
-        .broker(dir.broker())
+    let twice = dir
+        .host()
         .events(
             "orders",
             "ledger",
@@ -343,14 +345,7 @@ async fn configuration_mistakes_fail_at_build_and_say_what_to_change() {
     );
     assert!(text.contains("broker"), "{text}");
 
-    let text = error(
-        Host::builder()
-            .database(dir.db())
-            .broker(dir.broker())
-            .table("no spaces; please")
-            .build()
-            .await,
-    );
+    let text = error(dir.host().table("no spaces; please").build().await);
     assert!(
         text.contains("no spaces; please") || text.contains("identifier"),
         "{text}"
@@ -360,14 +355,7 @@ async fn configuration_mistakes_fail_at_build_and_say_what_to_change() {
         batch_size: 0,
         ..herald::RelayConfig::default()
     };
-    let text = error(
-        Host::builder()
-            .database(dir.db())
-            .broker(dir.broker())
-            .relay(zero)
-            .build()
-            .await,
-    );
+    let text = error(dir.host().relay(zero).build().await);
     assert!(text.contains("batch"), "{text}");
 }
 
@@ -392,13 +380,7 @@ async fn the_in_process_relay_warns_when_the_database_may_lose_commits() {
     // A stop right after the start is clean.
     host.run(async {}).await.unwrap();
     // A host with nothing to run still runs until its shutdown.
-    let idle = Host::builder()
-        .database(dir.db())
-        .broker(dir.broker())
-        .without_relay()
-        .build()
-        .await
-        .unwrap();
+    let idle = dir.host().without_relay().build().await.unwrap();
     let waited =
         tokio::time::timeout(Duration::from_millis(300), idle.run(std::future::pending())).await;
     assert!(waited.is_err(), "run returned before its shutdown");
@@ -418,9 +400,8 @@ impl Handle<SqliteDialect, OrderPlaced> for Fragile {
 #[tokio::test]
 async fn a_handler_that_panics_is_retried_then_parked_and_other_keys_flow() {
     let dir = Scratch::new();
-    let host = Host::builder()
-        .database(dir.db())
-        .broker(dir.broker())
+    let host = dir
+        .host()
         .consumer_config(ConsumerConfig {
             max_attempts: 2,
             retry_initial: Duration::from_millis(20),
